@@ -1,0 +1,151 @@
+"""Model shapes: the `ModelConfig` dataclass and a registry of the published Llama variants.
+
+A config says everything the transformer needs to allocate itself; nothing about files,
+tokenizers or devices. Named configs carry the shapes of the released checkpoints so a model can
+be built with random weights (benchmarks, tests) or checked against a file being loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from herd.errors import HerdError
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama 3.1 rotary frequency scaling: long wavelengths are slowed by `factor`, short ones
+    kept, and the band between them interpolated smoothly."""
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position: int = 8192
+
+
+@dataclass
+class ModelConfig:
+    dim: int
+    n_layers: int
+    n_heads: int
+    vocab_size: int
+    hidden_dim: int  # width of the SwiGLU feed-forward
+    n_kv_heads: int | None = None  # None: as many as n_heads (multi-head attention)
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    tie_embeddings: bool = False
+    max_seq_len: int = 2048
+    name: str = ""
+    family: str = ""  # "llama2", "llama3", "codellama", ... : picks tokenizer/chat defaults
+
+    def __post_init__(self) -> None:
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if isinstance(self.rope_scaling, dict):
+            self.rope_scaling = RopeScaling(**self.rope_scaling)
+        problems = []
+        for name in ("dim", "n_layers", "n_heads", "vocab_size", "hidden_dim", "n_kv_heads", "max_seq_len"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                problems.append(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if not problems:
+            if self.dim % self.n_heads:
+                problems.append(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
+            elif self.n_heads % self.n_kv_heads:
+                problems.append(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
+            elif self.head_dim % 2:
+                problems.append(f"head_dim {self.head_dim} must be even for rotary embeddings")
+        if problems:
+            raise HerdError(f"invalid model config {self.name or ''}: " + "; ".join(problems))
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    def num_params(self) -> int:
+        d, hd, f = self.dim, self.head_dim, self.hidden_dim
+        attention = d * self.n_heads * hd * 2 + d * self.n_kv_heads * hd * 2
+        layer = attention + 3 * d * f + 2 * d
+        embed = self.vocab_size * d
+        return embed + self.n_layers * layer + d + (0 if self.tie_embeddings else embed)
+
+    def kv_cache_bytes(self, seq_len: int, bytes_per_value: int) -> int:
+        """Memory of the KV cache for one sequence of `seq_len` tokens."""
+        return 2 * self.n_layers * self.n_kv_heads * self.head_dim * seq_len * bytes_per_value
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _llama3_rope(factor: float) -> RopeScaling:
+    return RopeScaling(factor=factor, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position=8192)
+
+
+def _registry() -> dict[str, ModelConfig]:
+    c = ModelConfig
+    v2, v3 = 32000, 128256
+    l31 = _llama3_rope(8.0)
+    l32 = _llama3_rope(32.0)
+    configs = [
+        # Llama 1 (Touvron et al. 2023), 2048 context
+        c(4096, 32, 32, v2, 11008, norm_eps=1e-6, name="llama-7b", family="llama2"),
+        c(5120, 40, 40, v2, 13824, norm_eps=1e-6, name="llama-13b", family="llama2"),
+        c(6656, 60, 52, v2, 17920, norm_eps=1e-6, name="llama-33b", family="llama2"),
+        c(8192, 80, 64, v2, 22016, norm_eps=1e-5, name="llama-65b", family="llama2"),
+        # Llama 2, 4096 context; 70B uses grouped-query attention
+        c(4096, 32, 32, v2, 11008, max_seq_len=4096, name="llama-2-7b", family="llama2"),
+        c(5120, 40, 40, v2, 13824, max_seq_len=4096, name="llama-2-13b", family="llama2"),
+        c(8192, 80, 64, v2, 28672, n_kv_heads=8, max_seq_len=4096, name="llama-2-70b", family="llama2"),
+        # Code Llama: rope theta 1e6, 16K training context; 7B/13B add 16 infill tokens
+        c(4096, 32, 32, 32016, 11008, rope_theta=1e6, max_seq_len=16384, name="codellama-7b", family="codellama"),
+        c(5120, 40, 40, 32016, 13824, rope_theta=1e6, max_seq_len=16384, name="codellama-13b", family="codellama"),
+        c(8192, 48, 64, v2, 22016, n_kv_heads=8, rope_theta=1e6, max_seq_len=16384, name="codellama-34b",
+          family="codellama"),
+        # Llama 3: 128K vocabulary, GQA everywhere, rope theta 500000
+        c(4096, 32, 32, v3, 14336, n_kv_heads=8, rope_theta=5e5, max_seq_len=8192, name="llama-3-8b", family="llama3"),
+        c(8192, 80, 64, v3, 28672, n_kv_heads=8, rope_theta=5e5, max_seq_len=8192, name="llama-3-70b", family="llama3"),
+        # Llama 3.1: 128K context through scaled rope
+        c(4096, 32, 32, v3, 14336, n_kv_heads=8, rope_theta=5e5, rope_scaling=l31, max_seq_len=131072,
+          name="llama-3.1-8b", family="llama3"),
+        c(8192, 80, 64, v3, 28672, n_kv_heads=8, rope_theta=5e5, rope_scaling=l31, max_seq_len=131072,
+          name="llama-3.1-70b", family="llama3"),
+        c(16384, 126, 128, v3, 53248, n_kv_heads=8, rope_theta=5e5, rope_scaling=l31, max_seq_len=131072,
+          name="llama-3.1-405b", family="llama3"),
+        # Llama 3.2: small models with tied embeddings, rope factor 32
+        c(2048, 16, 32, v3, 8192, n_kv_heads=8, rope_theta=5e5, rope_scaling=l32, tie_embeddings=True,
+          max_seq_len=131072, name="llama-3.2-1b", family="llama3"),
+        c(3072, 28, 24, v3, 8192, n_kv_heads=8, rope_theta=5e5, rope_scaling=l32, tie_embeddings=True,
+          max_seq_len=131072, name="llama-3.2-3b", family="llama3"),
+        c(8192, 80, 64, v3, 28672, n_kv_heads=8, rope_theta=5e5, rope_scaling=l31, max_seq_len=131072,
+          name="llama-3.3-70b", family="llama3"),
+        # Community models with the Llama architecture
+        c(2048, 22, 32, v2, 5632, n_kv_heads=4, max_seq_len=2048, name="tinyllama-1.1b", family="llama2"),
+        c(576, 30, 9, 49152, 1536, n_kv_heads=3, rope_theta=1e5, tie_embeddings=True, max_seq_len=8192,
+          name="smollm2-135m", family="chatml"),
+        c(960, 32, 15, 49152, 2560, n_kv_heads=5, rope_theta=1e5, tie_embeddings=True, max_seq_len=8192,
+          name="smollm2-360m", family="chatml"),
+        c(2048, 24, 32, 49152, 8192, n_kv_heads=32, rope_theta=1.3e5, tie_embeddings=True, max_seq_len=8192,
+          name="smollm2-1.7b", family="chatml"),
+        # Karpathy's llama2.c TinyStories models (shared classifier)
+        c(64, 5, 8, 512, 172, n_kv_heads=4, tie_embeddings=True, max_seq_len=512, name="stories260k",
+          family="llama2"),
+        c(288, 6, 6, v2, 768, tie_embeddings=True, max_seq_len=256, name="stories15m", family="llama2"),
+        c(512, 8, 8, v2, 1376, tie_embeddings=True, max_seq_len=1024, name="stories42m", family="llama2"),
+        c(768, 12, 12, v2, 2048, tie_embeddings=True, max_seq_len=1024, name="stories110m", family="llama2"),
+    ]
+    return {cfg.name: cfg for cfg in configs}
+
+
+CONFIGS: dict[str, ModelConfig] = _registry()
+
+
+def get_config(name: str) -> ModelConfig:
+    """The registered config `name` (case-insensitive), as a fresh copy."""
+    cfg = CONFIGS.get(name.lower())
+    if cfg is None:
+        raise HerdError(f"unknown model config {name!r}; known: {', '.join(CONFIGS)}")
+    return cfg.replace()
