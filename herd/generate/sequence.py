@@ -1,0 +1,56 @@
+"""One sequence being generated: its sampler, its output tokens and text, and why it ended."""
+
+from __future__ import annotations
+
+from herd.generate.sampling import Sampler, SamplingParams
+from herd.generate.stopping import StopStrings
+from herd.tokenizer import StreamDecoder, Tokenizer
+
+
+class Sequence:
+    """Token-level and text-level state of one generation.
+
+    `limit` is the number of tokens it may still produce: max_tokens, or less where the
+    model's context ends first.
+    """
+
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, tokenizer: Tokenizer,
+                 stop_ids: set[int], vocab_size: int, limit: int):
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.limit = limit
+        self.sampler = Sampler(params, prompt_ids, vocab_size)
+        self.stop_ids = set(stop_ids) | set(params.stop_token_ids)
+        self.decoder = StreamDecoder(tokenizer)
+        self.stops = StopStrings(params.stop)
+        self.output_ids: list[int] = []
+        self.text = ""
+        self.finish_reason: str | None = None  # "stop" | "length"
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def append(self, token: int) -> str:
+        """Take the next token; return the text it makes final (may be empty)."""
+        if token in self.stop_ids:
+            self.finish_reason = "stop"
+            return self._emit(self._flush())
+        self.output_ids.append(token)
+        self.sampler.update(token)
+        text, hit = self.stops.feed(self.decoder.push(token))
+        if hit:
+            self.finish_reason = "stop"
+            return self._emit(text)
+        if len(self.output_ids) >= self.limit:
+            self.finish_reason = "length"
+            text += self._flush()
+        return self._emit(text)
+
+    def _flush(self) -> str:
+        text, hit = self.stops.feed(self.decoder.flush())
+        return text if hit else text + self.stops.flush()
+
+    def _emit(self, text: str) -> str:
+        self.text += text
+        return text

@@ -1,0 +1,137 @@
+"""The public Python API: `herd.load()` gives an `LLM` that generates, streams and chats."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from herd.config import ModelConfig
+from herd.errors import HerdError
+from herd.generate import SamplingParams, Sequence, run_batch
+from herd.model import Transformer
+from herd.tokenizer import ChatFormat, Tokenizer
+
+_PARAM_NAMES = {f.name for f in dataclasses.fields(SamplingParams)}
+
+
+class LLM:
+    """A loaded model with its tokenizer and chat format."""
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, chat_format: ChatFormat | None = None,
+                 eos_ids: set[int] | None = None, name: str = ""):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.chat_format = chat_format
+        self.eos_ids = set(eos_ids or ()) | set(tokenizer.eos_ids)
+        self.name = name
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.model.config
+
+    def encode(self, prompt: str) -> list[int]:
+        """Token ids of a plain-text prompt, with BOS where the model expects it. An empty
+        prompt gives BOS alone: generation then starts from scratch, as llama2.c does."""
+        ids = self.tokenizer.encode(prompt, bos=self.tokenizer.add_bos)
+        if not ids and self.tokenizer.bos_id is not None:
+            ids = [self.tokenizer.bos_id]
+        if not ids:
+            raise HerdError("the prompt is empty and this tokenizer has no BOS token to start from")
+        return ids
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        return self._chat_format().encode(self.tokenizer, messages, add_generation_prompt=True)
+
+    def sequences(self, prompts: list[list[int]], params: SamplingParams, stop_ids: set[int]) -> list[Sequence]:
+        """Sequences ready for `run_batch`; a prompt that leaves no room in the context is an error,
+        never silently truncated."""
+        ctx = self.config.max_seq_len
+        seqs = []
+        for ids in prompts:
+            if len(ids) >= ctx:
+                raise HerdError(f"the prompt is {len(ids)} tokens but the model's context is {ctx} tokens")
+            seqs.append(Sequence(ids, params, self.tokenizer, stop_ids, self.config.vocab_size,
+                                 limit=min(params.max_tokens, ctx - len(ids))))
+        return seqs
+
+    def generate(self, prompt: str | list[str], **options) -> str | list[str]:
+        """Complete `prompt` (or each of a list of prompts, in one batch); options are the
+        fields of `SamplingParams` (max_tokens, temperature, top_p, stop, seed, ...)."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        seqs = self._run([self.encode(p) for p in prompts], options, self.eos_ids)
+        texts = [s.text for s in seqs]
+        return texts[0] if isinstance(prompt, str) else texts
+
+    def stream(self, prompt: str, **options) -> Iterator[str]:
+        """Text pieces of the completion of `prompt` as they are generated."""
+        yield from self._stream(self.encode(prompt), options, self.eos_ids)
+
+    def chat(self, messages: list[dict], **options) -> str:
+        """The assistant's reply to an OpenAI-style list of {"role", "content"} messages."""
+        return "".join(self.stream_chat(messages, **options))
+
+    def stream_chat(self, messages: list[dict], **options) -> Iterator[str]:
+        fmt = self._chat_format()
+        yield from self._stream(self.encode_chat(messages), options, self.eos_ids | fmt.stop_ids(self.tokenizer))
+
+    def _chat_format(self) -> ChatFormat:
+        if self.chat_format is None:
+            raise HerdError(f"model {self.name or ''} has no chat format (no chat template and an unknown family)")
+        return self.chat_format
+
+    def _stream(self, ids: list[int], options: dict, stop_ids: set[int]) -> Iterator[str]:
+        (seq,) = seqs = self.sequences([ids], make_params(options), stop_ids)
+        for events in run_batch(self.model, seqs):
+            for _, text in events:
+                if text:
+                    yield text
+
+    def _run(self, prompts: list[list[int]], options: dict, stop_ids: set[int]) -> list[Sequence]:
+        seqs = self.sequences(prompts, make_params(options), stop_ids)
+        for _ in run_batch(self.model, seqs):
+            pass
+        return seqs
+
+
+def make_params(options: dict) -> SamplingParams:
+    unknown = set(options) - _PARAM_NAMES
+    if unknown:
+        raise HerdError(f"unknown generation option(s): {', '.join(sorted(unknown))}")
+    return SamplingParams(**options)
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
+    """'auto' is fp32 on the CPU (CPU bf16 matmuls are very slow) and bf16 on accelerators."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.float32 if device == "cpu" else torch.bfloat16
+    names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if dtype not in names:
+        raise HerdError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(names)}")
+    return names[dtype]
+
+
+def load(model: str | Path | None = None, *, dtype: str | torch.dtype = "auto", device: str = "cpu",
+         tokenizer: str | Path | None = None) -> LLM:
+    """Load a model from a checkpoint path (HF directory, Meta directory, GGUF, llama2.c .bin) or a
+    name in the model store; with no model, the built-in default (pulled on first use)."""
+    from herd.checkpoint import build_model, load_checkpoint
+    from herd.store import resolve_model
+    from herd.tokenizer import chat_format_for, load_tokenizer
+
+    path, name = resolve_model(model)
+    ckpt = load_checkpoint(path, dtype=resolve_dtype(dtype, device))
+    tok = load_tokenizer(tokenizer) if tokenizer is not None else ckpt.tokenizer
+    if tok is None:
+        raise HerdError(f"{path}: no tokenizer found beside the weights; pass one with tokenizer=PATH (--tokenizer)")
+    if tok.vocab_size > ckpt.config.vocab_size:
+        raise HerdError(f"tokenizer has {tok.vocab_size} tokens but the model's vocabulary is {ckpt.config.vocab_size}")
+    net = build_model(ckpt, device=device)
+    if ckpt.chat_template and tok.chat_template is None:
+        tok.chat_template = ckpt.chat_template
+    return LLM(net, tok, chat_format_for(tok, ckpt.config.family), ckpt.eos_ids, name=name)

@@ -1,0 +1,52 @@
+import torch
+
+from herd.config import ModelConfig, RopeScaling
+from herd.model import Transformer
+
+
+def tiny(**kw) -> Transformer:
+    torch.manual_seed(0)
+    cfg = ModelConfig(dim=64, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=97, hidden_dim=160, max_seq_len=64,
+                      rope_scaling=RopeScaling(factor=8, original_max_position=16), **kw)
+    return Transformer(cfg).eval()
+
+
+@torch.no_grad()
+def test_cached_decode_equals_full_forward():
+    m = tiny()
+    x = torch.randint(0, 97, (2, 20))
+    full = m(x)
+    cache = m.new_cache(2, 32)
+    steps = [m(x[:, :7], torch.arange(7), cache)]
+    steps += [m(x[:, i:i + 1], torch.tensor([i]), cache) for i in range(7, 20)]
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_rows_at_different_positions_match_running_alone():
+    m = tiny()
+    a, b = torch.randint(0, 97, (1, 9)), torch.randint(0, 97, (1, 4))
+    alone_a, alone_b = m(a)[0, -1], m(b)[0, -1]
+    # b right-padded with junk; each row's logits taken at its own last token
+    batch = torch.cat([a, torch.cat([b, torch.full((1, 5), 3)], 1)])
+    cache = m.new_cache(2, 16)
+    out = m(batch, torch.arange(9), cache, logits_at=torch.tensor([8, 3]))[:, 0]
+    torch.testing.assert_close(out[0], alone_a, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[1], alone_b, atol=1e-5, rtol=1e-5)
+    # next token: row 0 at position 9, row 1 at position 4 (overwriting the junk)
+    nxt = torch.tensor([[5], [6]])
+    step = m(nxt, torch.tensor([[9], [4]]), cache)[:, 0]
+    torch.testing.assert_close(step[0], m(torch.cat([a, nxt[:1]], 1))[0, -1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(step[1], m(torch.cat([b, nxt[1:]], 1))[0, -1], atol=1e-5, rtol=1e-5)
+
+
+def test_tied_embeddings_share_storage():
+    m = tiny(tie_embeddings=True)
+    assert m.output.weight is m.tok_embeddings.weight
+    assert "output.weight" in m.state_dict()
+
+
+def test_meta_device_build_keeps_rope_frequencies():
+    with torch.device("meta"):
+        m = Transformer(tiny().config)
+    assert m.inv_freq.device.type == "cpu" and torch.isfinite(m.inv_freq).all()
