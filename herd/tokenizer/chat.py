@@ -36,7 +36,9 @@ class ChatFormat(ABC):
         """The prompt as text, control tokens written out."""
 
     @abstractmethod
-    def encode(self, tokenizer: Tokenizer, messages: Sequence[Message], add_generation_prompt: bool = True) -> list[int]:
+    def encode(
+        self, tokenizer: Tokenizer, messages: Sequence[Message], add_generation_prompt: bool = True
+    ) -> list[int]:
         """The prompt as token ids, BOS included: feed it to the model as is."""
 
     @abstractmethod
@@ -72,7 +74,9 @@ class MarkupChat(ChatFormat):
     def render(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
         return "".join(text for text, _ in self.segments(messages, add_generation_prompt))
 
-    def encode(self, tokenizer: Tokenizer, messages: Sequence[Message], add_generation_prompt: bool = True) -> list[int]:
+    def encode(
+        self, tokenizer: Tokenizer, messages: Sequence[Message], add_generation_prompt: bool = True
+    ) -> list[int]:
         ids: list[int] = []
         text = ""
         for piece, control in self.segments(messages, add_generation_prompt):
@@ -177,7 +181,7 @@ class Llama3Chat(MarkupChat):
 _OPEN, _CLOSE = "\U000f0000", "\U000f0001"
 
 
-def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, separators=None, sort_keys: bool = False) -> str:
+def _tojson(value: Any, ensure_ascii: bool = False, indent=None, separators=None, sort_keys: bool = False) -> str:
     # Jinja's own tojson escapes HTML characters; templates expect plain json.dumps, as
     # transformers renders them.
     return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
@@ -210,7 +214,9 @@ class JinjaChat(ChatFormat):
     environment with trim_blocks/lstrip_blocks, `raise_exception`, `strftime_now` (from `now`,
     so tests can fix the date) and a json.dumps `tojson`."""
 
-    def __init__(self, template: str, bos_token: str = "", eos_token: str = "", now: Callable[[], datetime] = datetime.now):
+    def __init__(
+        self, template: str, bos_token: str = "", eos_token: str = "", now: Callable[[], datetime] = datetime.now
+    ):
         self.bos_token, self.eos_token = bos_token, eos_token
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
         env.filters["tojson"] = _tojson
@@ -237,7 +243,9 @@ class JinjaChat(ChatFormat):
         except Exception as e:  # a template is code: its bugs surface as TypeError, KeyError, ...
             raise HerdError(f"chat template failed: {type(e).__name__}: {e}") from None
 
-    def encode(self, tokenizer: Tokenizer, messages: Sequence[Message], add_generation_prompt: bool = True) -> list[int]:
+    def encode(
+        self, tokenizer: Tokenizer, messages: Sequence[Message], add_generation_prompt: bool = True
+    ) -> list[int]:
         """Render with control-token strings in the messages marked, then encode the template's
         text with special tokens recognised and each marked string as plain text. Markers a
         template splits apart (string slicing) still cut the text there and are dropped.

@@ -93,9 +93,7 @@ def _pre_tokenizer(pre: str):
     if pre in ("llama-bpe", "llama3", "llama-v3"):
         split = pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior="isolated")
         return pre_tokenizers.Sequence([split, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]), True
-    raise HerdError(
-        f"{SOURCE}: tokenizer.ggml.pre {pre!r} is not supported (default, gpt2, smollm, llama-bpe)"
-    )
+    raise HerdError(f"{SOURCE}: tokenizer.ggml.pre {pre!r} is not supported (default, gpt2, smollm, llama-bpe)")
 
 
 def _byte_level_bpe(fields: Mapping[str, Any], tokens: list[str], types: list[int]) -> HFBackend:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import re
 
 import sentencepiece
+from google.protobuf.message import DecodeError
+from sentencepiece import sentencepiece_model_pb2
 
 from herd.errors import HerdError
 from herd.tokenizer.base import Tokenizer
@@ -16,11 +18,18 @@ class SentencePieceTokenizer(Tokenizer):
     where it came from, for error messages."""
 
     def __init__(self, model: bytes, source: str, add_bos: bool | None = None, chat_template: str | None = None):
+        try:
+            sentencepiece_model_pb2.ModelProto().ParseFromString(model)
+        except DecodeError:
+            raise HerdError(
+                f"{source}: not a tokenizer file (SentencePiece model, tiktoken rank file or tokenizer.json), "
+                f"or a corrupt or truncated one"
+            ) from None
         sp = sentencepiece.SentencePieceProcessor()
         try:
             sp.LoadFromSerializedProto(model)
         except Exception as e:  # sentencepiece raises RuntimeError/OSError with multi-line text
-            raise HerdError(f"{source}: not a valid SentencePiece model ({str(e).splitlines()[0]})") from None
+            raise HerdError(f"{source}: invalid SentencePiece model ({str(e).splitlines()[0]})") from None
         if sp.get_piece_size() == 0:
             raise HerdError(f"{source}: SentencePiece model has no pieces")
         self._sp = sp
