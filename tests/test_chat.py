@@ -201,6 +201,7 @@ def test_jinja_errors_are_one_line():
         ("{{ raise_exception('Only user and assistant roles are supported!') }}", "Only user and assistant"),
         ("{{ messages[0].content + 3 }}", "TypeError"),
         ("{{ messages.__class__.__mro__ }}", "chat template"),
+        ("{{ raise_exception('first line\\nsecond line') }}", "first line$"),
     ]
     for template, match in cases:
         with pytest.raises(HerdError, match=match) as e:
@@ -208,4 +209,6 @@ def test_jinja_errors_are_one_line():
         assert "\n" not in str(e.value)
     with pytest.raises(HerdError, match="role"):
         JinjaChat("{{ messages }}").render([{"content": "no role"}])
+    with pytest.raises(HerdError, match="must be a string"):
+        JinjaChat(None)
     assert json.loads(JinjaChat("{{ messages | tojson }}").render(messages)) == messages

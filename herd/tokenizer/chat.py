@@ -187,6 +187,10 @@ def _tojson(value: Any, ensure_ascii: bool = False, indent=None, separators=None
     return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
+def _first_line(text: str | None) -> str:
+    return (text or "").strip().split("\n", 1)[0]
+
+
 def _raise_exception(message: str):
     raise jinja2.TemplateError(message)
 
@@ -217,6 +221,8 @@ class JinjaChat(ChatFormat):
     def __init__(
         self, template: str, bos_token: str = "", eos_token: str = "", now: Callable[[], datetime] = datetime.now
     ):
+        if not isinstance(template, str):
+            raise HerdError(f"chat template must be a string, got {type(template).__name__}")
         self.bos_token, self.eos_token = bos_token, eos_token
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
         env.filters["tojson"] = _tojson
@@ -239,9 +245,9 @@ class JinjaChat(ChatFormat):
                 eos_token=self.eos_token,
             )
         except jinja2.TemplateError as e:  # includes raise_exception() and undefined names
-            raise HerdError(f"chat template: {e.message or type(e).__name__}") from None
+            raise HerdError(f"chat template: {_first_line(e.message) or type(e).__name__}") from None
         except Exception as e:  # a template is code: its bugs surface as TypeError, KeyError, ...
-            raise HerdError(f"chat template failed: {type(e).__name__}: {e}") from None
+            raise HerdError(f"chat template failed: {type(e).__name__}: {_first_line(str(e))}") from None
 
     def encode(
         self, tokenizer: Tokenizer, messages: Sequence[Message], add_generation_prompt: bool = True
