@@ -34,7 +34,7 @@ class RMSNorm(nn.Module):
 
 def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
     """Inverse frequencies of the rotary embedding, with Llama 3.1 scaling when given."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device="cpu") / head_dim))
     if scaling is None:
         return inv_freq
     low_wavelen = scaling.original_max_position / scaling.low_freq_factor
