@@ -15,6 +15,7 @@ import torch
 
 from herd.checkpoint import build_model, convert, detect_format, load_checkpoint, read_gguf_metadata
 from herd.config import ModelConfig, RopeScaling, get_config
+from herd.errors import HerdError
 from herd.model.transformer import Transformer
 
 Q = gguf.GGMLQuantizationType
@@ -134,11 +135,11 @@ _TOP_TENSORS = {"tok_embeddings": gguf.MODEL_TENSOR.TOKEN_EMBD, "norm": gguf.MOD
 
 
 def llama_cpp_name(name: str) -> str:
-    base = name.removesuffix(".weight")
+    base, kind = name.rsplit(".", 1)  # kind: weight (or bias)
     if base.startswith("layers."):
         _, i, rest = base.split(".", 2)
-        return gguf.TENSOR_NAMES[_LAYER_TENSORS[rest]].format(bid=int(i)) + ".weight"
-    return gguf.TENSOR_NAMES[_TOP_TENSORS[base]] + ".weight"
+        return f"{gguf.TENSOR_NAMES[_LAYER_TENSORS[rest]].format(bid=int(i))}.{kind}"
+    return f"{gguf.TENSOR_NAMES[_TOP_TENSORS[base]]}.{kind}"
 
 
 def random_state_dict(cfg: ModelConfig, seed=0) -> dict[str, torch.Tensor]:
@@ -263,6 +264,22 @@ def test_gguf_rope_freqs_become_llama3_scaling(tmp_path, factor):
     assert 1.0 < factors[len(factors) // 2] < factor  # the file exercises the smoothed band
     path = write_gguf(tmp_path / "l31.gguf", cfg, random_state_dict(cfg), rope_freqs=factors)
     assert load_checkpoint(path).config.rope_scaling == RopeScaling(factor, 1.0, 4.0, 8192)
+
+
+def test_gguf_bad_files_are_named(tmp_path):
+    cfg = ModelConfig(dim=64, n_layers=1, n_heads=4, vocab_size=96, hidden_dim=96, tie_embeddings=True)
+    sd = random_state_dict(cfg)
+    cases = [
+        (write_gguf(tmp_path / "qwen.gguf", cfg, sd, arch="qwen2"), "unsupported architecture 'qwen2'"),
+        (write_gguf(tmp_path / "ffn.gguf", cfg.replace(hidden_dim=80), sd), "feed_forward.w1.weight has shape [96, 64]"),
+        (write_gguf(tmp_path / "rope.gguf", cfg, sd, rope_freqs=np.linspace(1, 3, 8, dtype=np.float32)), "rope_freqs"),
+        (write_gguf(tmp_path / "extra.gguf", cfg, {**sd, "layers.0.attention.wq.bias": sd["norm.weight"]}),
+         "unexpected tensor blk.0.attn_q.bias"),
+    ]
+    for path, words in cases:
+        with pytest.raises(HerdError) as err:
+            load_checkpoint(path)
+        assert str(path) in str(err.value) and words in str(err.value), str(err.value)
 
 
 # --- conversion -------------------------------------------------------------------------------

@@ -221,3 +221,26 @@ def test_meta_ffn_width_from_params(dim, multiple_of, multiplier, hidden):
 def test_meta_ffn_params_reproduce_every_registered_width():
     for cfg in CONFIGS.values():
         assert meta_hidden_dim(cfg.dim, *meta_ffn_params(cfg.dim, cfg.hidden_dim)) == cfg.hidden_dim, cfg.name
+
+
+@pytest.mark.parametrize("name, params", [
+    ("llama-2-7b", {"dim": 4096, "multiple_of": 256, "n_heads": 32, "n_layers": 32, "norm_eps": 1e-05,
+                    "vocab_size": -1}),
+    ("llama-3.1-8b", {"dim": 4096, "ffn_dim_multiplier": 1.3, "multiple_of": 1024, "n_heads": 32, "n_kv_heads": 8,
+                      "n_layers": 32, "norm_eps": 1e-05, "rope_theta": 500000.0, "use_scaled_rope": True,
+                      "vocab_size": 128256}),
+    ("llama-3.2-1b", {"dim": 2048, "n_layers": 16, "n_heads": 32, "n_kv_heads": 8, "vocab_size": 128256,
+                      "ffn_dim_multiplier": 1.5, "multiple_of": 256, "norm_eps": 1e-05, "rope_theta": 500000.0,
+                      "use_scaled_rope": True}),
+])
+def test_meta_params_of_releases_give_their_configs(tmp_path, name, params):
+    """params.json as Meta ships it: no context length, and for Llama 3.2 no rope factor (32, where
+    Llama 3.1 has 8); both come from the registered release with the same shapes."""
+    from herd.checkpoint.meta import config_from_params
+
+    known = CONFIGS[name]
+    embedding = torch.zeros(1).expand(known.vocab_size, known.dim)  # shapes without the memory
+    state_dict = {"tok_embeddings.weight": embedding}
+    if not known.tie_embeddings:
+        state_dict["output.weight"] = torch.ones(1).expand(known.vocab_size, known.dim)
+    assert config_from_params(tmp_path, params, state_dict).replace(name=name) == known

@@ -79,7 +79,9 @@ def tie_if_equal(cfg: ModelConfig, state_dict: dict[str, torch.Tensor]) -> Model
     return cfg
 
 
-_SHAPE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim", "rope_theta",
+# What tells released models apart: shapes, plus rope theta (Code Llama), norm eps (Llama 1 vs 2)
+# and whether rope is scaled (Llama 3 vs 3.1).
+_MATCH_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim", "rope_theta", "norm_eps",
                  "tie_embeddings")
 
 
@@ -87,7 +89,8 @@ def registered_match(cfg: ModelConfig) -> ModelConfig | None:
     """The registered config with the same shapes, if any: it names the family (tokenizer and chat
     defaults) and fills in what a format leaves unsaid (Meta's params.json has no context length)."""
     for known in CONFIGS.values():
-        if all(getattr(known, f) == getattr(cfg, f) for f in _SHAPE_FIELDS):
+        if all(getattr(known, f) == getattr(cfg, f) for f in _MATCH_FIELDS) and \
+                (known.rope_scaling is None) == (cfg.rope_scaling is None):
             return known
     return None
 

@@ -86,14 +86,15 @@ def _merge(path: Path, shards: list[dict[str, torch.Tensor]], dim: int) -> dict[
 
 
 def _field(path: Path, params: dict, key: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
+    """params[key], checked to be of `kind`; `default` when absent or null (no default: required)."""
     if key not in params or params[key] is None:
         if default is ...:
-            raise HerdError(f"{path}: params.json lacks {key}")
+            raise HerdError(f"{path}: lacks {key}")
         return default
     value = params[key]
     if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
-        raise HerdError(f"{path}: params.json field {key} must be {getattr(kind, '__name__', 'a number')}, "
-                        f"got {value!r}")
+        wanted = {int: "an integer", bool: "true or false"}.get(kind, "a number")
+        raise HerdError(f"{path}: {key} must be {wanted}, got {value!r}")
     return value
 
 
@@ -144,8 +145,8 @@ def load_meta(path: Path, dtype: torch.dtype | None = None, tokenizer: bool = Tr
     files = sorted(path.glob("consolidated.*.pth"))
     wanted = [path / f"consolidated.{i:02d}.pth" for i in range(len(files))]
     if files != wanted:
-        raise HerdError(f"{path}: model-parallel shards must be consolidated.00.pth ... "
-                        f"consolidated.{len(files) - 1:02d}.pth, found {', '.join(f.name for f in files)}")
+        raise HerdError(f"{path}: model-parallel shards must be numbered from consolidated.00.pth up, "
+                        f"found {', '.join(f.name for f in files)}")
     state_dict = _merge(path, [_load_pth(f) for f in files], dim)
     if dtype is not None:
         state_dict = {k: v.to(dtype) for k, v in state_dict.items()}
