@@ -19,7 +19,8 @@ _LOADERS = {"hf": load_hf, "meta": load_meta, "llama2c": load_llama2c, "gguf": l
 
 
 def detect_format(path: str | Path) -> str:
-    """"hf", "meta", "gguf" or "llama2c", judged from the files themselves, not from names alone."""
+    """Which format `path` holds: "hf", "meta", "gguf" or "llama2c", judged from the content
+    (magic bytes, a plausible llama2.c header, the files a directory holds), not the name alone."""
     path = Path(path)
     if path.is_dir():
         if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
