@@ -136,6 +136,7 @@ def test_hf_unknown_architecture(hf_dir):
     ({"head_dim": 16}, ["head_dim 16"]),
     ({"attention_bias": True}, ["attention_bias"]),
     ({"num_attention_heads": 5}, ["not divisible"]),
+    ({"rms_norm_eps": "tiny"}, ["rms_norm_eps"]),
 ])
 def test_hf_bad_config_fields(hf_dir, change, words):
     config = json.loads((hf_dir / "config.json").read_text())
@@ -145,9 +146,15 @@ def test_hf_bad_config_fields(hf_dir, change, words):
     fails(hf_dir, *words)
 
 
-def test_hf_config_not_json(hf_dir):
-    (hf_dir / "config.json").write_text("{'single': 'quotes'}")
+@pytest.mark.parametrize("text", ["{'single': 'quotes'}", "[1, 2]"])
+def test_hf_config_not_a_json_object(hf_dir, text):
+    (hf_dir / "config.json").write_text(text)
     fails(hf_dir, "config.json", "JSON")
+
+
+def test_meta_params_not_a_json_object(meta_dir):
+    (meta_dir / "params.json").write_text("null")
+    fails(meta_dir, "params.json", "JSON object")
 
 
 @pytest.mark.parametrize("change, words", [

@@ -100,11 +100,15 @@ def with_family(cfg: ModelConfig) -> ModelConfig:
     return cfg.replace(family=known.family) if known else cfg
 
 
-def read_json(path: Path) -> Any:
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from a file (every side file of a checkpoint is one)."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        value = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise HerdError(f"{path}: cannot read JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise HerdError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
 
 
 def check_dtype(dtype: torch.dtype | None) -> None:

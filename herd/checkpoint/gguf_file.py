@@ -92,13 +92,16 @@ def config_from_gguf(path: Path, md: dict[str, Any], vocab_size: int, rope_facto
     if scaling_type != "none":
         raise HerdError(f"{path}: rope scaling type {scaling_type!r} is not supported")
 
-    dim, n_heads = md["llama.embedding_length"], md["llama.attention.head_count"]
-    theta = _f32(md.get("llama.rope.freq_base", 10000.0))
+    try:
+        theta = _f32(md.get("llama.rope.freq_base", 10000.0))
+        norm_eps = _f32(md.get("llama.attention.layer_norm_rms_epsilon", 1e-5))
+    except (TypeError, ValueError):
+        raise HerdError(f"{path}: llama.rope.freq_base and llama.attention.layer_norm_rms_epsilon "
+                        "must be numbers") from None
     cfg = make_config(
-        path, dim=dim, n_layers=md["llama.block_count"], n_heads=n_heads,
-        n_kv_heads=md.get("llama.attention.head_count_kv"), vocab_size=vocab_size,
-        hidden_dim=md["llama.feed_forward_length"],
-        norm_eps=_f32(md.get("llama.attention.layer_norm_rms_epsilon", 1e-5)), rope_theta=theta,
+        path, dim=md["llama.embedding_length"], n_layers=md["llama.block_count"],
+        n_heads=md["llama.attention.head_count"], n_kv_heads=md.get("llama.attention.head_count_kv"),
+        vocab_size=vocab_size, hidden_dim=md["llama.feed_forward_length"], norm_eps=norm_eps, rope_theta=theta,
         max_seq_len=md.get("llama.context_length", 2048), name=md.get("general.name") or path.stem,
     )
     for key in ("llama.rope.dimension_count", "llama.attention.key_length", "llama.attention.value_length"):

@@ -67,8 +67,6 @@ def _heads_of(name: str, cfg: ModelConfig) -> int | None:
 def config_from_hf(path: Path, hf: dict) -> ModelConfig:
     """ModelConfig from a config.json of transformers 4.x (rope_theta + rope_scaling) or 5.x
     (rope_parameters); missing optional fields take LlamaConfig's defaults."""
-    if not isinstance(hf, dict):
-        raise HerdError(f"{path}: config.json is not a JSON object")
     arch = hf.get("architectures") or []
     if "LlamaForCausalLM" not in arch and hf.get("model_type") != "llama":
         raise HerdError(f"{path}: unsupported architecture {arch or hf.get('model_type')!r} "
@@ -100,11 +98,15 @@ def config_from_hf(path: Path, hf: dict) -> ModelConfig:
     elif kind != "default":
         raise HerdError(f"{path}: rope type {kind!r} is not supported (only default and llama3)")
 
+    try:
+        norm_eps, theta = float(hf.get("rms_norm_eps", 1e-6)), float(theta)
+    except (TypeError, ValueError):
+        raise HerdError(f"{path}: rms_norm_eps and rope_theta must be numbers") from None
     cfg = make_config(
         path,
         dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=hf["num_attention_heads"],
         n_kv_heads=hf.get("num_key_value_heads"), vocab_size=hf["vocab_size"], hidden_dim=hf["intermediate_size"],
-        norm_eps=float(hf.get("rms_norm_eps", 1e-6)), rope_theta=float(theta), rope_scaling=scaling,
+        norm_eps=norm_eps, rope_theta=theta, rope_scaling=scaling,
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)), max_seq_len=max_pos,
         name=path.resolve().name,
     )

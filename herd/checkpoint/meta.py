@@ -139,8 +139,6 @@ def config_from_params(path: Path, params: dict, state_dict: dict[str, torch.Ten
 
 def load_meta(path: Path, dtype: torch.dtype | None = None, tokenizer: bool = True) -> Checkpoint:
     params = read_json(path / "params.json")
-    if not isinstance(params, dict):
-        raise HerdError(f"{path / 'params.json'}: not a JSON object")
     dim = _field(path / "params.json", params, "dim", int)
     files = sorted(path.glob("consolidated.*.pth"))
     wanted = [path / f"consolidated.{i:02d}.pth" for i in range(len(files))]
