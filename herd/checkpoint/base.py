@@ -1,0 +1,150 @@
+"""What every checkpoint reader produces (`Checkpoint`) and the checks they share.
+
+A reader turns a file into a `ModelConfig` plus a state dict in herd's names and Meta's
+interleaved rotary layout; everything past that point is format-free.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from herd.config import CONFIGS, ModelConfig
+from herd.errors import HerdError
+from herd.model.transformer import Transformer
+
+if TYPE_CHECKING:
+    from herd.tokenizer import Tokenizer
+
+
+@dataclass
+class Checkpoint:
+    config: ModelConfig
+    state_dict: dict[str, torch.Tensor]  # herd names; no output.weight when embeddings are tied
+    format: str  # "hf" | "meta" | "llama2c" | "gguf"
+    path: Path
+    tokenizer: Tokenizer | None = None
+    chat_template: str | None = None
+    eos_ids: set[int] = field(default_factory=set)
+
+
+def make_config(path: Path, **fields: Any) -> ModelConfig:
+    """A ModelConfig from a file's fields; an invalid one is blamed on the file."""
+    try:
+        return ModelConfig(**fields)
+    except HerdError as e:
+        raise HerdError(f"{path}: {e}") from None
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor a checkpoint of `cfg` holds (read off a model on the meta device)."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    if cfg.tie_embeddings:
+        del shapes["output.weight"]
+    return shapes
+
+
+def _some(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
+def check_state_dict(path: Path, cfg: ModelConfig, state_dict: dict[str, torch.Tensor]) -> None:
+    """Raise if the tensors are not exactly those `cfg` needs, with the shapes it needs."""
+    expected = expected_shapes(cfg)
+    missing = [name for name in expected if name not in state_dict]
+    if missing:
+        raise HerdError(f"{path}: tensors missing for this config: {_some(missing)}")
+    unexpected = [name for name in state_dict if name not in expected]
+    if unexpected:
+        raise HerdError(f"{path}: unexpected tensors for this config: {_some(unexpected)}")
+    for name, shape in expected.items():
+        if tuple(state_dict[name].shape) != shape:
+            raise HerdError(f"{path}: tensor {name} has shape {list(state_dict[name].shape)}, "
+                            f"the config needs {list(shape)}")
+
+
+def tie_if_equal(cfg: ModelConfig, state_dict: dict[str, torch.Tensor]) -> ModelConfig:
+    """Formats with no tie flag (Meta's, GGUF) store a tied classifier as a copy of the embedding;
+    recognise the copy and drop it, so the model shares one tensor as it was trained to."""
+    out, emb = state_dict.get("output.weight"), state_dict.get("tok_embeddings.weight")
+    if out is not None and emb is not None and out.shape == emb.shape and torch.equal(out, emb):
+        del state_dict["output.weight"]
+        return cfg.replace(tie_embeddings=True)
+    return cfg
+
+
+# What tells released models apart: shapes, plus rope theta (Code Llama), norm eps (Llama 1 vs 2)
+# and whether rope is scaled (Llama 3 vs 3.1).
+_MATCH_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim", "rope_theta", "norm_eps",
+                 "tie_embeddings")
+
+
+def registered_match(cfg: ModelConfig) -> ModelConfig | None:
+    """The registered config with the same shapes, if any: it names the family (tokenizer and chat
+    defaults) and fills in what a format leaves unsaid (Meta's params.json has no context length)."""
+    for known in CONFIGS.values():
+        if all(getattr(known, f) == getattr(cfg, f) for f in _MATCH_FIELDS) and \
+                (known.rope_scaling is None) == (cfg.rope_scaling is None):
+            return known
+    return None
+
+
+def with_family(cfg: ModelConfig) -> ModelConfig:
+    known = registered_match(cfg)
+    return cfg.replace(family=known.family) if known else cfg
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from a file (every side file of a checkpoint is one)."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise HerdError(f"{path}: cannot read JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise HerdError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def check_dtype(dtype: torch.dtype | None) -> None:
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise HerdError(f"dtype must be a floating-point torch.dtype or None, got {dtype!r}")
+
+
+def eos_list(value: Any) -> set[int]:
+    """eos_token_id as config files write it: an int, a list of ints, or null."""
+    if isinstance(value, int):
+        return {value}
+    if isinstance(value, list):
+        return {v for v in value if isinstance(v, int)}
+    return set()
+
+
+def directory_extras(directory: Path, tokenizer: bool) -> tuple[Tokenizer | None, str | None, set[int]]:
+    """Tokenizer, chat template and end-of-sequence ids from the Hugging Face-style files that sit
+    beside the weights (HF and Meta directories alike)."""
+    tok = None
+    if tokenizer and ((directory / "tokenizer.json").exists() or (directory / "tokenizer.model").exists()):
+        from herd.tokenizer import load_tokenizer
+
+        tok = load_tokenizer(directory)
+
+    template = None
+    if (directory / "chat_template.jinja").exists():
+        template = (directory / "chat_template.jinja").read_text(encoding="utf-8")
+    elif (directory / "tokenizer_config.json").exists():
+        template = read_json(directory / "tokenizer_config.json").get("chat_template")
+        if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            template = named.get("default")
+
+    eos: set[int] = set()
+    for name in ("generation_config.json", "config.json"):
+        if not eos and (directory / name).exists():
+            eos = eos_list(read_json(directory / name).get("eos_token_id"))
+    return tok, template if isinstance(template, str) else None, eos
