@@ -59,6 +59,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         if sys.stdin.isatty():
             raise HerdError("no prompt: give one as an argument or on standard input")
         prompt = sys.stdin.read()
+        prompt = prompt[:-1] if prompt.endswith("\n") else prompt  # the newline echo or a file ends with
     options = sampling_options(args)
     from herd.llm import make_params
 

@@ -16,7 +16,7 @@ def describe(model: str) -> str:
     if Path(model).exists():
         from herd.checkpoint import load_checkpoint
 
-        cfg = load_checkpoint(model).config
+        cfg = load_checkpoint(model, tokenizer=False).config
     else:
         cfg = get_config(model)
     return format_config(cfg)
