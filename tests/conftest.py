@@ -8,17 +8,44 @@ from herd.shared import shared_path
 torch.set_num_threads(2)
 
 
+def require_shared(*parts: str):
+    """Path of a real reference file in shared/; skips the test when it is absent."""
+    path = shared_path(*parts)
+    if not path.exists():
+        pytest.skip(f"reference file {path} is absent (set HERD_SHARED to the shared/ folder)")
+    return path
+
+
 @pytest.fixture
 def shared():
     """shared("models", "x.bin") -> Path of a real reference file; skips the test when absent."""
+    return require_shared
 
-    def get(*parts: str):
-        path = shared_path(*parts)
-        if not path.exists():
-            pytest.skip(f"reference file {path} is absent (set HERD_SHARED to the shared/ folder)")
-        return path
 
-    return get
+def _tokenizer(*parts: str):
+    from herd.tokenizer import load_tokenizer
+
+    return load_tokenizer(require_shared("tokenizers", *parts))
+
+
+@pytest.fixture(scope="session")
+def llama2():
+    return _tokenizer("llama2", "tokenizer.model")
+
+
+@pytest.fixture(scope="session")
+def llama3():
+    return _tokenizer("llama3", "tokenizer.model")
+
+
+@pytest.fixture(scope="session")
+def llama3_hf():
+    return _tokenizer("llama3-hf")
+
+
+@pytest.fixture(scope="session")
+def llama4():
+    return _tokenizer("llama4", "tokenizer.model")
 
 
 @pytest.fixture(scope="session", autouse=True)

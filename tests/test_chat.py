@@ -7,7 +7,6 @@ import json
 from datetime import datetime
 
 import pytest
-from test_tokenizer import _load
 
 from herd.errors import HerdError
 from herd.tokenizer import JinjaChat, Llama2Chat, Llama3Chat, chat_format_for
@@ -35,21 +34,6 @@ def reference_render(template: str, messages, add_generation_prompt: bool, **con
         conversations=[messages], chat_template=template, add_generation_prompt=add_generation_prompt, **context
     )
     return rendered[0]
-
-
-@pytest.fixture
-def llama3(shared):
-    return _load(shared("tokenizers", "llama3", "tokenizer.model"))
-
-
-@pytest.fixture
-def llama3_hf(shared):
-    return _load(shared("tokenizers", "llama3-hf"))
-
-
-@pytest.fixture
-def llama2(shared):
-    return _load(shared("tokenizers", "llama2", "tokenizer.model"))
 
 
 OFFICIAL = ["meta-llama-Llama-3.1-8B-Instruct", "meta-llama-Llama-3.2-3B-Instruct", "meta-llama-Llama-3.3-70B-Instruct"]
@@ -179,13 +163,12 @@ def test_llama2_rejects_bad_dialogs():
             chat.render(messages)
 
 
-def test_chat_format_for(llama2, llama3, llama3_hf, shared):
+def test_chat_format_for(llama2, llama3, llama3_hf, llama4):
     assert isinstance(chat_format_for(llama3_hf), JinjaChat)  # its own template first
     assert isinstance(chat_format_for(llama3), Llama3Chat)  # told by <|start_header_id|>
     assert isinstance(chat_format_for(llama2), Llama2Chat)
     assert isinstance(chat_format_for(llama3, family="llama3"), Llama3Chat)
     assert isinstance(chat_format_for(llama2, family="codellama"), Llama2Chat)
-    llama4 = _load(shared("tokenizers", "llama4", "tokenizer.model"))
     with pytest.raises(HerdError, match="no chat format"):
         chat_format_for(llama4)
     hf_chat = chat_format_for(llama3_hf)

@@ -12,8 +12,15 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from helpers import spread_init
 
-from herd.checkpoint import build_model, convert, detect_format, load_checkpoint, read_gguf_metadata
+from herd.checkpoint import (
+    build_model,
+    convert,
+    detect_format,
+    load_checkpoint,
+    read_gguf_metadata,
+)
 from herd.config import ModelConfig, RopeScaling, get_config
 from herd.errors import HerdError
 from herd.model.transformer import Transformer
@@ -144,14 +151,7 @@ def llama_cpp_name(name: str) -> str:
 
 def random_state_dict(cfg: ModelConfig, seed=0) -> dict[str, torch.Tensor]:
     torch.manual_seed(seed)
-    model = Transformer(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 1 / math.sqrt(p.shape[1]))
-            else:
-                p.uniform_(0.5, 1.5)
-    sd = model.state_dict()
+    sd = spread_init(Transformer(cfg)).state_dict()
     if cfg.tie_embeddings:
         del sd["output.weight"]
     return sd

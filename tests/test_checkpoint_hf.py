@@ -4,10 +4,10 @@ transformers' save_pretrained, loaded by herd, compared logit for logit and toke
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 import torch
+from helpers import spread_init
 
 from herd.checkpoint import Checkpoint, build_model, load_checkpoint, save_hf, save_meta
 from herd.checkpoint.hf import config_from_hf
@@ -42,14 +42,7 @@ def hf_llama(**fields):
     cfg = transformers.LlamaConfig(vocab_size=96, num_hidden_layers=2, max_position_embeddings=256,
                                    rms_norm_eps=1e-5, **fields)
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 1 / math.sqrt(p.shape[1]))
-            else:
-                p.uniform_(0.5, 1.5)
-    return model.eval()
+    return spread_init(transformers.LlamaForCausalLM(cfg)).eval()
 
 
 @pytest.fixture(params=list(CONFIGS_UNDER_TEST))

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import random
-from functools import cache
-from pathlib import Path
 
 import pytest
 
@@ -17,11 +15,6 @@ from herd.tokenizer import (
     load_tokenizer,
 )
 from herd.tokenizer.stream import MAX_PENDING
-
-
-@cache
-def _load(path: Path):
-    return load_tokenizer(path)
 
 
 def read_vectors(shared, kind: str) -> list[tuple[str, list[int]]]:
@@ -37,26 +30,6 @@ def read_vectors(shared, kind: str) -> list[tuple[str, list[int]]]:
     assert ids.pop() == []
     assert len(texts) == len(ids) == 46
     return list(zip(texts, ids))
-
-
-@pytest.fixture
-def llama2(shared):
-    return _load(shared("tokenizers", "llama2", "tokenizer.model"))
-
-
-@pytest.fixture
-def llama3(shared):
-    return _load(shared("tokenizers", "llama3", "tokenizer.model"))
-
-
-@pytest.fixture
-def llama3_hf(shared):
-    return _load(shared("tokenizers", "llama3-hf"))
-
-
-@pytest.fixture
-def llama4(shared):
-    return _load(shared("tokenizers", "llama4", "tokenizer.model"))
 
 
 def test_kinds_detected_from_content(llama2, llama3, llama3_hf, llama4):
