@@ -134,4 +134,8 @@ def load(model: str | Path | None = None, *, dtype: str | torch.dtype = "auto", 
     net = build_model(ckpt, device=device)
     if ckpt.chat_template and tok.chat_template is None:
         tok.chat_template = ckpt.chat_template
-    return LLM(net, tok, chat_format_for(tok, ckpt.config.family), ckpt.eos_ids, name=name)
+    try:
+        chat_format = chat_format_for(tok, ckpt.config.family)
+    except HerdError:
+        chat_format = None  # a base model: plain completion only; chat() says why it cannot
+    return LLM(net, tok, chat_format, ckpt.eos_ids, name=name)
