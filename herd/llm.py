@@ -27,10 +27,21 @@ class LLM:
         self.chat_format = chat_format
         self.eos_ids = set(eos_ids or ()) | set(tokenizer.eos_ids)
         self.name = name
+        self.drafter = None  # speculative decoding of single prompts, see speculate()
+        self.draft_tokens = 5
 
     @property
     def config(self) -> ModelConfig:
         return self.model.config
+
+    def speculate(self, draft: LLM | str | Path | None = None, lookup: bool = False, tokens: int = 5) -> LLM:
+        """Decode single prompts speculatively from now on: drafts from a smaller model with the same
+        tokenizer (`draft`, an LLM or what herd.load takes) or by prompt lookup; `tokens` per round.
+        Greedy output is unchanged token for token; sampled output keeps its distribution."""
+        from herd.generate.speculative import make_drafter
+
+        self.drafter, self.draft_tokens = make_drafter(self, draft, lookup), tokens
+        return self
 
     def encode(self, prompt: str) -> list[int]:
         """Token ids of a plain-text prompt, with BOS where the model expects it. An empty
@@ -84,16 +95,23 @@ class LLM:
 
     def _stream(self, ids: list[int], options: dict, stop_ids: set[int]) -> Iterator[str]:
         (seq,) = seqs = self.sequences([ids], make_params(options), stop_ids)
-        for events in run_batch(self.model, seqs):
+        for events in self._decode(seqs):
             for _, text in events:
                 if text:
                     yield text
 
     def _run(self, prompts: list[list[int]], options: dict, stop_ids: set[int]) -> list[Sequence]:
         seqs = self.sequences(prompts, make_params(options), stop_ids)
-        for _ in run_batch(self.model, seqs):
+        for _ in self._decode(seqs):
             pass
         return seqs
+
+    def _decode(self, seqs: list[Sequence]) -> Iterator[list[tuple[int, str]]]:
+        if self.drafter is not None and len(seqs) == 1:
+            from herd.generate.speculative import speculative_decode
+
+            return speculative_decode(self.model, seqs[0], self.drafter, self.draft_tokens)
+        return run_batch(self.model, seqs)
 
 
 def make_params(options: dict) -> SamplingParams:
@@ -117,21 +135,22 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
 
 
 def load(model: str | Path | None = None, *, dtype: str | torch.dtype = "auto", device: str = "cpu",
-         tokenizer: str | Path | None = None) -> LLM:
-    """Load a model from a checkpoint path (HF directory, Meta directory, GGUF, llama2.c .bin) or a
-    name in the model store; with no model, the built-in default (pulled on first use)."""
-    from herd.checkpoint import build_model, load_checkpoint
+         tokenizer: str | Path | None = None, quantize: str | None = None, group_size: int | None = None) -> LLM:
+    """Load a model from a checkpoint path (HF directory, Meta directory, GGUF, llama2.c .bin, herd
+    quantized directory) or a name in the model store; with no model, the built-in default (pulled
+    on first use). quantize: None keeps the weights as stored (GGUF quants stay quantized),
+    "int8" / "int4" quantizes them (group_size inputs per scale), "none" dequantizes everything."""
+    from herd.quant.io import load_model
     from herd.store import resolve_model
     from herd.tokenizer import chat_format_for, load_tokenizer
 
     path, name = resolve_model(model)
-    ckpt = load_checkpoint(path, dtype=resolve_dtype(dtype, device))
+    net, ckpt = load_model(path, resolve_dtype(dtype, device), device, quantize, group_size)
     tok = load_tokenizer(tokenizer) if tokenizer is not None else ckpt.tokenizer
     if tok is None:
         raise HerdError(f"{path}: no tokenizer found beside the weights; pass one with tokenizer=PATH (--tokenizer)")
     if tok.vocab_size > ckpt.config.vocab_size:
         raise HerdError(f"tokenizer has {tok.vocab_size} tokens but the model's vocabulary is {ckpt.config.vocab_size}")
-    net = build_model(ckpt, device=device)
     if ckpt.chat_template and tok.chat_template is None:
         tok.chat_template = ckpt.chat_template
     try:

@@ -20,12 +20,15 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
 
 
 def convert(src: str | Path, dst: str | Path, to: str, dtype: torch.dtype | None = None,
-            max_shard_bytes: int = 5 * 2**30) -> Path:
+            max_shard_bytes: int = 5 * 2**30, gguf_type: str = "f16") -> Path:
     """Write the checkpoint at `src` to the new directory `dst` in format `to` ("hf" or "meta"),
-    optionally cast to `dtype`. A GGUF's embedded vocabulary is not exported."""
-    if to not in ("hf", "meta"):
-        raise HerdError(f"cannot convert to {to!r}: the target format must be 'hf' or 'meta'")
+    optionally cast to `dtype`, or to the GGUF file `dst` ("gguf", matrices in `gguf_type`, with
+    the vocabulary). A GGUF's embedded vocabulary is not exported to hf or meta."""
+    if to not in ("hf", "meta", "gguf"):
+        raise HerdError(f"cannot convert to {to!r}: the target format must be 'hf', 'meta' or 'gguf'")
     src, dst = Path(src), Path(dst)
+    if to == "gguf":
+        return _to_gguf(src, dst, gguf_type)
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise HerdError(f"{dst}: already exists and is not an empty directory")
     ckpt = load_checkpoint(src, dtype, tokenizer=False)
@@ -44,3 +47,26 @@ def convert(src: str | Path, dst: str | Path, to: str, dtype: torch.dtype | None
         if found is not None:
             shutil.copyfile(found, dst / "tokenizer.model")
     return dst
+
+
+def _to_gguf(src: Path, dst: Path, gguf_type: str) -> Path:
+    from herd.checkpoint.gguf_file import read_gguf_metadata
+    from herd.checkpoint.gguf_writer import TYPES, save_gguf, tokenizer_metadata
+
+    if gguf_type not in TYPES:
+        raise HerdError(f"unknown GGUF type {gguf_type!r}; use one of {', '.join(TYPES)}")
+    if dst.exists():
+        raise HerdError(f"{dst}: already exists")
+    ckpt = load_checkpoint(src, None, tokenizer=False)
+    if ckpt.format == "gguf":
+        vocab = tokenizer_metadata(src, read_gguf_metadata(src))
+    elif ckpt.format == "llama2c":
+        found = tokenizer_file(src, ckpt.config.vocab_size)
+        vocab = tokenizer_metadata(found) if found is not None else {}
+    else:
+        vocab = tokenizer_metadata(src)
+    if ckpt.chat_template and "tokenizer.chat_template" not in vocab:
+        vocab["tokenizer.chat_template"] = ckpt.chat_template
+    if len(ckpt.eos_ids) == 1 and "tokenizer.ggml.eos_token_id" not in vocab:
+        vocab["tokenizer.ggml.eos_token_id"] = next(iter(ckpt.eos_ids))
+    return save_gguf(ckpt.config, ckpt.state_dict, dst, gguf_type, tokenizer=vocab, progress=True)

@@ -147,6 +147,11 @@ def load_gguf(path: Path, dtype: torch.dtype | None = None, tokenizer: bool = Tr
     cfg = with_family(tie_if_equal(cfg.replace(tie_embeddings="output.weight" not in state_dict), state_dict))
     check_state_dict(path, cfg, state_dict)
 
+    return Checkpoint(cfg, state_dict, "gguf", path, *gguf_extras(md, tokenizer))
+
+
+def gguf_extras(md: dict[str, Any], tokenizer: bool = True) -> tuple[Any, str | None, set[int]]:
+    """The embedded tokenizer (when asked for and present), chat template and end-of-sequence ids."""
     tok = None
     if tokenizer and "tokenizer.ggml.model" in md:
         from herd.tokenizer import tokenizer_from_gguf
@@ -154,4 +159,4 @@ def load_gguf(path: Path, dtype: torch.dtype | None = None, tokenizer: bool = Tr
         tok = tokenizer_from_gguf(md)
     eos = {md[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
                            "tokenizer.ggml.eom_token_id") if isinstance(md.get(k), int)}
-    return Checkpoint(cfg, state_dict, "gguf", path, tok, md.get("tokenizer.chat_template"), eos)
+    return tok, md.get("tokenizer.chat_template"), eos

@@ -74,6 +74,15 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor) -> int:
         """Next token for logits [vocab] (any device/dtype)."""
+        probs = self.probs(logits)
+        return int(probs.argmax()) if self.params.temperature == 0 else self.draw(probs)
+
+    def draw(self, probs: torch.Tensor) -> int:
+        return int(torch.multinomial(probs, 1, generator=self.generator))
+
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """The distribution the next token is drawn from: logits after the penalties, temperature,
+        top-k, top-p and min-p (one-hot on the best token when greedy)."""
         p = self.params
         logits = logits.float().cpu()
         if self.seen is not None:
@@ -82,7 +91,7 @@ class Sampler:
         if self.counts is not None:
             logits = logits - p.frequency_penalty * self.counts - p.presence_penalty * (self.counts > 0)
         if p.temperature == 0:
-            return int(logits.argmax())
+            return torch.zeros_like(logits).index_fill_(0, logits.argmax().view(1), 1.0)
         logits = logits / p.temperature
         if p.top_k and p.top_k < logits.numel():
             kth = torch.topk(logits, p.top_k).values[-1]
@@ -95,7 +104,7 @@ class Sampler:
             probs = probs.scatter(0, order, sorted_probs.masked_fill(drop, 0.0))
         if p.min_p > 0:
             probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
-        return int(torch.multinomial(probs, 1, generator=self.generator))
+        return probs
 
     def update(self, token: int) -> None:
         """Record an accepted output token for the penalties."""

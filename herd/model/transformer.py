@@ -121,11 +121,14 @@ class Transformer(nn.Module):
         # Created on the CPU explicitly so that a model built on the meta device still has it.
         inv_freq = rope_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        # Optional native replacement of forward for small steps with a cache (herd.quant.forward);
+        # it returns None when it cannot take a call.
+        self.fast_forward = None
 
     def new_cache(self, batch_size: int, max_seq_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
         """A zeroed KV cache for `batch_size` sequences of up to `max_seq_len` tokens."""
         cfg = self.config
-        weight = self.tok_embeddings.weight
+        weight = self.norm.weight  # the activation dtype (embeddings may be packed)
         return KVCache(cfg.n_layers, batch_size, cfg.n_kv_heads, max_seq_len or cfg.max_seq_len, cfg.head_dim,
                        dtype=dtype or weight.dtype, device=weight.device)
 
@@ -145,6 +148,10 @@ class Transformer(nn.Module):
         logits_at: [B] index of the one position per row whose logits are wanted (prefill);
             the result is then [B, 1, vocab].
         """
+        if cache is not None and self.fast_forward is not None:
+            logits = self.fast_forward(self, tokens, input_pos, cache, logits_at)
+            if logits is not None:
+                return logits
         B, T = tokens.shape
         if input_pos is None:
             input_pos = torch.arange(T, device=tokens.device)

@@ -1,0 +1,147 @@
+"""The native decode step: `Transformer.forward` for a few tokens with a KV cache, run as one C call
+(`herd_forward` in kernels.c) instead of ~40 torch operations per layer.
+
+A decode step of a small model is mostly Python and dispatch overhead (about 0.3 ms per layer
+here), which at 22 layers is as long as streaming the weights of an int4 1B model. Installed on a
+model by `enable(model)`, it takes over whenever it can (CPU, fp32 KV cache, no autograd, at most
+MAX_TOKENS tokens, every linear layer in a kernel format) and otherwise lets the torch forward run.
+Every token is computed the same way whatever else is in the call, so a batch row's, or a
+speculative draft's, logits do not depend on its neighbours.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+from torch import nn
+
+from herd.model import KVCache, Transformer
+from herd.quant import native
+from herd.quant.linear import PackedLinear
+
+MAX_TOKENS = 16
+_FMT = {"f32": 0, "f16": 1, "bf16": 2, "q8": 3, "q4": 4}
+_P, _I = ctypes.c_void_p, ctypes.c_int64
+
+
+class _Linear(ctypes.Structure):
+    _fields_ = [("fmt", ctypes.c_int), ("s16", ctypes.c_int), ("g", _I), ("N", _I), ("K", _I),
+                ("w", _P), ("s", _P), ("m", _P)]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [("attn_norm", _P), ("ffn_norm", _P)] + [(n, _Linear) for n in ("wq", "wk", "wv", "wo", "w1", "w2", "w3")]
+
+
+class _Model(ctypes.Structure):
+    _fields_ = [(n, _I) for n in ("dim", "hidden", "n_layers", "n_heads", "n_kv_heads", "head_dim")] + [
+        ("eps", ctypes.c_float), ("layers", _P), ("norm", _P), ("output", _Linear)]
+
+
+class _Step(ctypes.Structure):
+    _fields_ = [("model", _P), ("B", _I), ("T", _I), ("x", _P), ("pos", _P), ("cos", _P), ("sin", _P), ("rows", _P),
+                ("k_cache", _P), ("v_cache", _P), ("cache_rows", _I), ("cache_len", _I), ("logits_at", _P),
+                ("logits", _P), ("threads", ctypes.c_int)]
+
+
+def _linear(parent: nn.Module, name: str, records: list) -> _Linear | None:
+    """The kernel description of the linear layer parent.name, or None if the kernels cannot take it.
+    Appends (dict, key, object) records whose identity says the description is still valid."""
+    module = parent._modules[name]
+    records.append((parent._modules, name, module))
+    if isinstance(module, PackedLinear) and module.kernel_ok:
+        t = module.packed()
+        records += [(module._buffers, k, v) for k, v in t.items()]
+        s, m = t.get("scales"), t.get("mins")
+        return _Linear(_FMT[module.fmt], int(s is not None and s.dtype == torch.float16), module.group_size or 0,
+                       module.out_features, module.in_features, t.get("qweight", t.get("weight")).data_ptr(),
+                       None if s is None else s.data_ptr(), None if m is None else m.data_ptr())
+    if type(module) is nn.Linear and module.weight.dtype == torch.float32 and module.in_features % 16 == 0:
+        records.append((module._parameters, "weight", module.weight))
+        return _Linear(0, 0, 0, module.out_features, module.in_features, module.weight.data_ptr(), None, None)
+    return None
+
+
+def _norm(module: nn.Module, records: list) -> int | None:
+    w = module.weight
+    records.append((module._parameters, "weight", w))
+    return w.data_ptr() if w.dtype == torch.float32 else None
+
+
+def _describe(model: Transformer) -> tuple[_Model, object, list] | None:
+    """The model for C (plus what must stay alive with it and the validity records), or None."""
+    cfg, records = model.config, [(model._modules, "layers", model.layers)]
+    layers = (_Layer * cfg.n_layers)()
+    for i, block in enumerate(model.layers):
+        records.append((model.layers._modules, str(i), block))
+        for parent, names in ((block.attention, ("wq", "wk", "wv", "wo")), (block.feed_forward, ("w1", "w2", "w3"))):
+            records.append((block._modules, "attention" if parent is block.attention else "feed_forward", parent))
+            for name in names:
+                desc = _linear(parent, name, records)
+                if desc is None:
+                    return None
+                setattr(layers[i], name, desc)
+        norms = [_norm(block.attention_norm, records), _norm(block.ffn_norm, records)]
+        if None in norms:
+            return None
+        layers[i].attn_norm, layers[i].ffn_norm = norms
+    out, norm = _linear(model, "output", records), _norm(model.norm, records)
+    if out is None or norm is None:
+        return None
+    tensors = [o for _, _, o in records if isinstance(o, torch.Tensor)]
+    if not all(t.device.type == "cpu" and t.is_contiguous() for t in tensors):
+        return None
+    desc = _Model(cfg.dim, cfg.hidden_dim, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.norm_eps,
+                  ctypes.addressof(layers), norm, out)
+    return desc, layers, records
+
+
+class NativeForward:
+    """Callable installed as `model.fast_forward`; returns None when the torch forward must run."""
+
+    def __init__(self):
+        self._described = None  # (model description, its layers array, validity records), or False
+
+    def __deepcopy__(self, memo):
+        return NativeForward()
+
+    def description(self, model: Transformer) -> _Model | None:
+        """The model's description for C, rebuilt whenever a layer or weight has been replaced."""
+        d = self._described
+        if d is None or (d and not all(where.get(key) is obj for where, key, obj in d[2])):
+            d = self._described = _describe(model) or False
+        return d[0] if d else None
+
+    def __call__(self, model: Transformer, tokens: torch.Tensor, input_pos: torch.Tensor | None,
+                 cache: KVCache, logits_at: torch.Tensor | None) -> torch.Tensor | None:
+        B, T = tokens.shape
+        if (B * T > MAX_TOKENS or type(cache) is not KVCache or cache.k.dtype != torch.float32
+                or tokens.device.type != "cpu" or torch.is_grad_enabled() or not cache.k.is_contiguous()):
+            return None
+        lib = native.library()
+        desc = self.description(model) if lib is not None else None
+        if desc is None:
+            return None
+        if input_pos is None:
+            input_pos = torch.arange(T)
+        pos = input_pos.expand(B, T).contiguous().to(torch.int64)
+        if int(pos.max()) >= cache.max_seq_len or int(pos.min()) < 0 or B > cache.batch_size:
+            return None  # the torch forward raises the error
+        angles = pos.unsqueeze(-1).float() * model.inv_freq
+        cos, sin = angles.cos().contiguous(), angles.sin().contiguous()
+        x = model.tok_embeddings(tokens).float().contiguous()
+        rows = torch.arange(B, dtype=torch.int64)
+        at = None if logits_at is None else logits_at.to(torch.int64).contiguous()
+        logits = torch.empty(B, 1 if at is not None else T, model.config.vocab_size)
+        step = _Step(ctypes.addressof(desc), B, T, x.data_ptr(), pos.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+                     rows.data_ptr(), cache.k.data_ptr(), cache.v.data_ptr(), cache.batch_size, cache.max_seq_len,
+                     at.data_ptr() if at is not None else None, logits.data_ptr(), native.threads())
+        lib.herd_forward(ctypes.byref(step))
+        return logits
+
+
+def enable(model: Transformer) -> Transformer:
+    """Let `model` run its decode steps natively where it can (see the module docstring)."""
+    model.fast_forward = NativeForward()
+    return model

@@ -1,0 +1,96 @@
+"""herd's C kernels (`kernels.c`): built with the system C compiler on first use, cached, and called
+through ctypes.
+
+Building at run time lets `-march=native` pick the CPU's vector instructions and needs nothing but
+a C compiler (the same one torch.compile needs). Without one, `library()` returns None and the
+packed layers fall back to plain torch (correct, slower); `HERD_NO_KERNELS=1` forces that.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import warnings
+from functools import cache
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("kernels.c")
+
+_P, _I, _T = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+_SIGNATURES = {
+    "herd_mv_f32": [_P, _I, _I, _P, _I, _P, _T],
+    "herd_mv_f16": [_P, _I, _I, _P, _I, _P, _T],
+    "herd_mv_bf16": [_P, _I, _I, _P, _I, _P, _T],
+    "herd_mv_q8": [_P, _I, _I, _P, _P, _T, _I, _I, _P, _T],
+    "herd_mv_q4": [_P, _I, _I, _P, _P, _P, _T, _I, _I, _P, _T],
+    "herd_dequant_f16": [_P, _I, _I, _I, _P, _T],
+    "herd_dequant_bf16": [_P, _I, _I, _I, _P, _T],
+    "herd_dequant_q8": [_P, _P, _T, _I, _I, _I, _I, _P, _T],
+    "herd_dequant_q4": [_P, _P, _P, _T, _I, _I, _I, _I, _P, _T],
+    "herd_forward": [_P],
+}
+
+
+def cache_dir() -> Path:
+    home = os.environ.get("HERD_HOME")
+    return (Path(home) if home else Path.home() / ".cache" / "herd") / "kernels"
+
+
+def _compiler() -> str | None:
+    for cc in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if cc and shutil.which(cc):
+            return cc
+    return None
+
+
+def _build(cc: str, out: Path) -> str | None:
+    """Compile to `out`; the first flag set that works wins (OpenMP and -march=native are optional).
+    Returns the compiler's complaint when nothing worked."""
+    base = [cc, "-O3", "-fPIC", "-shared", "-std=c11", "-D_GNU_SOURCE", str(SOURCE), "-lm"]
+    tries = [["-march=native", "-fopenmp"], ["-march=native"], ["-fopenmp"], []]
+    error = ""
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        for flags in tries:
+            lib = Path(tmp) / out.name
+            result = subprocess.run(base[:1] + flags + base[1:] + ["-o", str(lib)], capture_output=True, text=True)
+            if result.returncode == 0:
+                os.replace(lib, out)  # atomic: concurrent builders never see a half-written library
+                return None
+            error = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else f"exit {result.returncode}"
+    return error
+
+
+@cache
+def library() -> ctypes.CDLL | None:
+    """The loaded kernel library, building it if needed; None when kernels are off or cannot be built."""
+    if os.environ.get("HERD_NO_KERNELS"):
+        return None
+    cc = _compiler()
+    if cc is None:
+        warnings.warn("herd: no C compiler found (set CC); using slower torch code for packed weights", stacklevel=2)
+        return None
+    key = hashlib.sha256(SOURCE.read_bytes() + f"{cc}|{platform.machine()}|{platform.node()}".encode()).hexdigest()[:16]
+    path = cache_dir() / f"herd_kernels_{key}{'.dll' if sys.platform == 'win32' else '.so'}"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        error = _build(cc, path)
+        if error is not None:
+            warnings.warn(f"herd: cannot build the C kernels ({error}); using slower torch code", stacklevel=2)
+            return None
+    lib = ctypes.CDLL(str(path))
+    for name, argtypes in _SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = argtypes, None
+    return lib
+
+
+def threads() -> int:
+    return torch.get_num_threads()

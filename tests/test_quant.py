@@ -1,0 +1,201 @@
+"""Packed weights and their kernels: quantizers bit-exact with gguf-py, kernels equal to an exact
+emulation of their arithmetic, GGUF blocks repacked to exactly gguf-py's dequantized values, and the
+native decode step equal to the torch forward."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as T
+from gguf.quants import dequantize as gguf_dequantize
+from gguf.quants import quantize as gguf_quantize
+from helpers import spread_init
+
+from herd.config import ModelConfig
+from herd.errors import HerdError
+from herd.model import Transformer
+from herd.quant import PackedLinear, native, pack_weight, quantize
+from herd.quant.forward import enable
+from herd.quant.gguf import repack
+from herd.quant.linear import MV_MAX_TOKENS, unpack_q4
+from herd.quant.quantize import quantize_q4, quantize_q8
+
+needs_kernels = pytest.mark.skipif(native.library() is None, reason="no C compiler to build herd's kernels")
+
+
+@pytest.mark.parametrize("qtype, fmt, symmetric", [(T.Q8_0, "q8", False), (T.Q4_0, "q4", True), (T.Q4_1, "q4", False)])
+def test_quantizers_match_gguf_py(qtype, fmt, symmetric):
+    torch.manual_seed(0)
+    w = torch.randn(64, 256) * 0.05
+    w[0, :32] = 0  # an all-zero block
+    w[1, 5], w[2, 7] = 3.0, -3.0  # outliers of both signs
+    packed = pack_weight(w, fmt, 32, symmetric)
+    expected = gguf_dequantize(gguf_quantize(w.numpy(), qtype), qtype)
+    assert np.array_equal(packed.dequantize().numpy(), expected)
+
+
+def _emulate(layer: PackedLinear, x: torch.Tensor) -> torch.Tensor:
+    """What the int8/int4 kernels compute, in float64: activations quantized to int8 per block of
+    32 (round half to even), exact integer block dots, then the scales."""
+    M, K = x.shape
+    xb = x.reshape(M, K // 32, 32)
+    d = xb.abs().amax(-1) / 127
+    q = torch.round(xb * torch.where(d > 0, 1 / d, torch.zeros_like(d)).unsqueeze(-1)).double()
+    t = layer.packed()
+    g = layer.group_size
+    w = (t["qweight"] if layer.fmt == "q8" else unpack_q4(t["qweight"])).double()
+    scales = t["scales"].double().repeat_interleave(g, -1)
+    if layer.fmt == "q8":
+        return (q.reshape(M, K) * d.double().repeat_interleave(32, -1)) @ (w * scales).T
+    qx = q.reshape(M, K) * d.double().repeat_interleave(32, -1)
+    return qx @ (w * scales).T + qx @ t["mins"].double().repeat_interleave(g, -1).T
+
+
+LAYERS = [("f16", None, False), ("bf16", None, False), ("q8", None, False), ("q8", 32, False), ("q8", 64, False),
+          ("q4", 32, False), ("q4", 32, True), ("q4", 64, False), ("q4", 128, False)]
+
+
+@needs_kernels
+@pytest.mark.parametrize("fmt, group, symmetric", LAYERS)
+@pytest.mark.parametrize("tokens", [1, 3, 6])
+def test_decode_kernels(fmt, group, symmetric, tokens):
+    torch.manual_seed(1)
+    layer = pack_weight(torch.randn(70, 256) * 0.05, fmt, group, symmetric)  # odd rows: a lone last row
+    x = torch.randn(tokens, 256)
+    y = layer(x)
+    if fmt in ("f16", "bf16"):
+        torch.testing.assert_close(y, x @ layer.dequantize().T, rtol=1e-5, atol=1e-5)
+    else:
+        torch.testing.assert_close(y.double(), _emulate(layer, x), rtol=1e-5, atol=1e-5)
+        ref = x @ layer.dequantize().T
+        assert (y - ref).norm() / ref.norm() < 0.01  # int8 activations cost well under 1%
+
+
+@needs_kernels
+@pytest.mark.parametrize("fmt, group, symmetric", LAYERS)
+def test_prefill_kernels_are_the_fp32_product(fmt, group, symmetric):
+    torch.manual_seed(2)
+    layer = pack_weight(torch.randn(1000, 128) * 0.05, fmt, group, symmetric)  # several tiles
+    x = torch.randn(MV_MAX_TOKENS + 5, 128)
+    torch.testing.assert_close(layer(x), x @ layer.dequantize().T, rtol=1e-5, atol=1e-5)
+
+
+def test_fp32_scales_and_group_16():
+    """GGUF Q6_K repacks to int8 with fp32 scales per 16 inputs; Q4_K to int4 with fp32 scales."""
+    torch.manual_seed(3)
+    q8 = PackedLinear("q8", 64, 8, 16, {"qweight": torch.randint(-32, 32, (8, 64), dtype=torch.int8),
+                                        "scales": torch.rand(8, 4)})
+    q4 = PackedLinear("q4", 64, 8, 32, {"qweight": torch.randint(0, 256, (8, 32), dtype=torch.uint8),
+                                        "scales": torch.rand(8, 2), "mins": -torch.rand(8, 2)})
+    x = torch.randn(2, 64)
+    for layer in (q8, q4):
+        if native.library() is not None:
+            torch.testing.assert_close(layer(x).double(), _emulate(layer, x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(layer(torch.randn(40, 64)).shape, torch.Size([40, 8]))
+
+
+def test_torch_fallback(monkeypatch):
+    """Without the kernels (no compiler), packed layers still compute the dequantized product."""
+    monkeypatch.setattr(native, "library", lambda: None)
+    layer = pack_weight(torch.randn(16, 64), "q4", 32)
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(layer(x), x @ layer.dequantize().T)
+
+
+def _random_blocks(qtype: T, n: int, k: int, rng: np.random.Generator) -> np.ndarray:
+    """Valid random GGUF blocks: random quant bytes, small finite fp16 scales."""
+    from gguf import GGML_QUANT_SIZES
+
+    block, size = GGML_QUANT_SIZES[qtype]
+    raw = rng.integers(0, 256, (n, k // block, size), dtype=np.uint8)
+    scale = lambda count: rng.uniform(0.001, 0.05, (n, k // block, count)).astype(np.float16).view(np.uint8)  # noqa: E731
+    if qtype in (T.Q8_0, T.Q4_0):
+        raw[..., :2] = scale(1)
+    elif qtype in (T.Q4_1, T.Q4_K):
+        raw[..., :4] = scale(2)
+    elif qtype == T.Q6_K:
+        raw[..., 208:] = scale(1)
+    return raw.reshape(n, -1)
+
+
+@pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_0, T.Q4_1, T.Q4_K, T.Q6_K, T.F16, T.BF16])
+def test_gguf_repack_is_exact(qtype):
+    rng = np.random.default_rng(0)
+    n, k = 6, 512
+    if qtype in (T.F16, T.BF16):
+        values = rng.standard_normal((n, k)).astype(np.float32)
+        data = gguf_quantize(values, qtype).reshape(n, -1).view(np.uint8)
+    else:
+        data = _random_blocks(qtype, n, k, rng)
+    fmt, group, tensors = repack(qtype, (n, k), data)
+    layer = PackedLinear(fmt, k, n, group, tensors)
+    expected = gguf_dequantize(data, qtype).reshape(n, k)
+    assert np.array_equal(layer.dequantize().numpy(), expected)
+
+
+def _model(tie: bool) -> Transformer:
+    torch.manual_seed(4)
+    cfg = ModelConfig(dim=128, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=512, hidden_dim=256,
+                      max_seq_len=128, tie_embeddings=tie)
+    return spread_init(Transformer(cfg)).eval()
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, bits: int) -> None:
+    if bits >= 16:
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    else:  # the kernels round activations to int8: a 1e-7 difference upstream can flip a rounding
+        assert (a - b).norm() / b.norm() < 0.01
+
+
+@needs_kernels
+@pytest.mark.parametrize("tie", [True, False])
+@pytest.mark.parametrize("bits", [32, 16, 8, 4])
+@torch.inference_mode()
+def test_native_forward_equals_torch_forward(tie, bits):
+    """Rows at different positions, several tokens per row, logits at chosen positions."""
+    model = _model(tie)
+    if bits != 32:
+        quantize(model, bits)
+    fast = enable(copy.deepcopy(model))
+    prompt = torch.randint(0, 512, (2, 20))
+    slow_cache, fast_cache = model.new_cache(2, 64), fast.new_cache(2, 64)
+    model(prompt, None, slow_cache)
+    fast(prompt, None, fast_cache)  # 40 tokens: the torch forward runs for both
+    tokens, pos = torch.randint(0, 512, (2, 3)), torch.tensor([[20, 21, 22], [14, 15, 16]])
+    _close(fast(tokens, pos, fast_cache), model(tokens, pos, slow_cache), bits)
+    _close(fast_cache.k, slow_cache.k, bits)
+    at = torch.tensor([0, 2])
+    _close(fast(tokens, pos, fast_cache, logits_at=at), model(tokens, pos, slow_cache, logits_at=at), bits)
+
+
+@needs_kernels
+@torch.inference_mode()
+def test_native_forward_is_batch_invariant():
+    """A token's logits are bit-identical whether it runs alone or with other tokens (what makes
+    speculative decoding exactly greedy)."""
+    model = enable(quantize(_model(True), 4))
+    cache = model.new_cache(1, 64)
+    model(torch.randint(0, 512, (1, 30)), None, cache)
+    tokens = torch.randint(0, 512, (1, 5))
+    together = model(tokens, torch.arange(30, 35), cache)
+    alone = torch.cat([model(tokens[:, i:i + 1], torch.tensor([30 + i]), cache) for i in range(5)], 1)
+    assert torch.equal(together, alone)
+
+
+def test_native_forward_steps_aside():
+    """With autograd on, or too many tokens, the torch forward runs (and gives its own errors)."""
+    model = enable(_model(True))
+    cache = model.new_cache(1, 8)
+    with pytest.raises(ValueError, match="beyond the KV cache"):
+        with torch.no_grad():
+            model(torch.zeros(1, 1, dtype=torch.long), torch.tensor([8]), cache)
+    logits = model(torch.zeros(1, 2, dtype=torch.long), None, cache)
+    assert logits.requires_grad
+
+
+def test_quantize_errors():
+    with pytest.raises(HerdError, match="bits must be"):
+        quantize(_model(True), 3)
+    with pytest.raises(HerdError, match="group size"):
+        quantize(_model(True), 4, group_size=48)
