@@ -77,8 +77,7 @@ class Attention(nn.Module):
         if cache is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
-            k, v = cache.update(self.layer_id, input_pos, k, v, mask.shape[-1])
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+            out = cache.attend(self.layer_id, input_pos, q, k, v, mask)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
 

@@ -77,3 +77,13 @@ class SentencePieceTokenizer(Tokenizer):
                 run.append(i)
         parts.append(self._sp.decode(run))
         return "".join(parts)
+
+    def token_bytes(self) -> list[bytes]:
+        out = []
+        for i in range(self._sp.get_piece_size()):
+            piece = self._sp.id_to_piece(i)
+            if self._sp.is_byte(i):  # "<0x0A>"
+                out.append(bytes([int(piece[3:5], 16)]))
+            else:
+                out.append(piece.replace("\u2581", " ").encode())
+        return out
