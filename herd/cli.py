@@ -111,6 +111,17 @@ def cmd_chat(args: argparse.Namespace) -> None:
         history.append({"role": "assistant", "content": "".join(reply)})
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    from herd.serve import serve
+
+    if args.kv_memory is not None and args.kv_memory <= 0:
+        raise HerdError(f"--kv-memory must be > 0 GiB, got {args.kv_memory}")
+    llm = load_llm(args)
+    serve(llm, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("HERD_API_KEY"),
+          max_batch=args.max_batch, ctx=args.ctx, max_queue=args.max_queue,
+          kv_memory=None if args.kv_memory is None else int(args.kv_memory * 2**30))
+
+
 def cmd_info(args: argparse.Namespace) -> None:
     from herd.info import describe
 
@@ -170,6 +181,19 @@ def build_parser() -> Parser:
     add_model_args(p)
     add_sampling_args(p, temperature=0.7)
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("serve", help="OpenAI- and Ollama-compatible server with a web chat", description=(
+        "Serve a model over HTTP: the OpenAI API (/v1/...), the Ollama API (/api/...), /health, /metrics "
+        "and a web chat at /. Requests are batched continuously."))
+    add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="default: 8000")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (also $HERD_API_KEY)")
+    p.add_argument("--max-batch", type=int, default=8, help="requests decoded together (default: 8)")
+    p.add_argument("--ctx", type=int, help="context per request in tokens (default: the model's, at most 4096)")
+    p.add_argument("--kv-memory", type=float, help="KV cache budget in GiB; fewer slots than --max-batch if needed")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 429 (default: 64)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("info", help="show a model's config, size and memory",
                        description="Print a config (a registered name or a checkpoint path), its parameter count and memory per dtype.")
