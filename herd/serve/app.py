@@ -15,12 +15,12 @@ from herd.engine import Engine
 from herd.serve import errors, ollama_api, openai_api
 from herd.serve.service import Service
 
-OPEN_PATHS = {"/", "/health", "/favicon.ico"}
+OPEN_PATHS = {"/", "/health", "/favicon.ico", "/openapi.json", "/docs", "/redoc"}
 
 
 def create_app(engine: Engine, *, api_key: str | None = None, name: str | None = None,
                max_body: int = 8 << 20, stop_engine: bool = True) -> FastAPI:
-    """The app serving `engine`. `api_key`: every route but /, /health needs
+    """The app serving `engine`. `api_key`: every route but /, /health and the API docs needs
     "Authorization: Bearer KEY". Bodies over `max_body` bytes get 413. On shutdown the engine
     is stopped (running requests cancelled) unless `stop_engine` is False."""
     svc = Service(engine, name)

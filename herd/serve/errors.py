@@ -46,6 +46,13 @@ def from_herd_error(e: HerdError) -> APIError:
     return APIError(400, str(e), code=code)
 
 
+def _type_tag(part) -> bool:
+    """Pydantic names the member of a union it tried ("str", "list[str]", "NamedToolChoice") in
+    an error's location; the parameter's path is the rest."""
+    return isinstance(part, str) and (part in ("str", "int", "float", "bool", "dict", "list", "none")
+                                      or "[" in part or part[:1].isupper())
+
+
 def install(app) -> None:
     @app.exception_handler(APIError)
     async def _api(request: Request, e: APIError):
@@ -59,7 +66,7 @@ def install(app) -> None:
     async def _invalid(request: Request, e: RequestValidationError):
         errors = e.errors()
         first = errors[0] if errors else {}
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        loc = [str(p) for p in first.get("loc", ()) if p != "body" and not _type_tag(p)]
         param = ".".join(loc) or None
         if first.get("type") == "json_invalid":
             message = "the request body is not valid JSON"
