@@ -83,14 +83,17 @@ def cmd_chat(args: argparse.Namespace) -> None:
     make_params(options)
     llm = load_llm(args)
     interactive = sys.stdin.isatty()
+    if interactive:
+        import readline  # noqa: F401  (line editing and history for input())
+
+        print(f"chatting with {llm.name}: /reset starts over, Ctrl-C stops a reply, Ctrl-D quits", file=sys.stderr)
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict] = []
-    if interactive:
-        print(f"chatting with {llm.name}: /reset starts over, Ctrl-D quits", file=sys.stderr)
     while True:
-        if interactive:
-            write(">>> ")
-        line = sys.stdin.readline()
+        try:
+            line = input(">>> ") if interactive else sys.stdin.readline()
+        except EOFError:
+            line = ""
         if not line:
             if interactive:
                 write("\n")
@@ -104,9 +107,14 @@ def cmd_chat(args: argparse.Namespace) -> None:
             continue
         history.append({"role": "user", "content": text})
         reply = []
-        for piece in llm.stream_chat(system + history, **options):
-            reply.append(piece)
-            write(piece)
+        try:
+            for piece in llm.stream_chat(system + history, **options):
+                reply.append(piece)
+                write(piece)
+        except KeyboardInterrupt:
+            if not interactive:
+                raise
+            write(" (stopped)")
         write("\n")
         history.append({"role": "assistant", "content": "".join(reply)})
 
