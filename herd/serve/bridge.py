@@ -17,9 +17,15 @@ async def run_requests(engine: Engine, requests: list[Request],
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
     handles = []
+    def deliver(i: int, event: Event) -> None:
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, (i, event))
+        except RuntimeError:  # the event loop has closed (shutdown): nobody is listening
+            pass
+
     try:
         for i, r in enumerate(requests):
-            r.on_event = lambda ev, i=i: loop.call_soon_threadsafe(queue.put_nowait, (i, ev))
+            r.on_event = lambda ev, i=i: deliver(i, ev)
             handles.append(engine.submit(r))
         remaining = len(handles)
         while remaining:
