@@ -5,6 +5,8 @@ options, so other features (adapters, guards, more routes) can be added around i
 from __future__ import annotations
 
 import hmac
+import signal
+import sys
 from contextlib import asynccontextmanager
 from importlib import resources
 
@@ -77,6 +79,8 @@ def serve(llm, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None
     lets running requests finish for up to `drain_timeout` seconds, cancels the rest and exits."""
     import uvicorn
 
+    # uvicorn re-raises SIGTERM once it has drained; exit with status 0 then, not "killed by a signal".
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     engine = Engine(llm, max_batch=max_batch, ctx=ctx, kv_memory=kv_memory, max_queue=max_queue)
     app = create_app(engine, api_key=api_key)
     print(f"herd: serving {app.state.service.name} on http://{host}:{port} ({engine.n_slots} slots x "
