@@ -132,3 +132,19 @@ fuzz = schemathesis.pytest.from_fixture("api_schema")
 def test_fuzzed_requests_never_get_a_500(case):
     r = case.call(headers={"Authorization": "Bearer k"}, timeout=60)
     assert r.status_code < 500, f"{case.method} {case.path}: {r.status_code} {r.text[:300]}"
+
+
+def test_body_limits_hold_for_chunked_uploads_and_curl_style_bodies(server):
+    def chunks():
+        yield b'{"model": "s", "prompt": "'
+        for _ in range(100):
+            yield b"x" * 1000
+        yield b'"}'
+
+    r = httpx.post(server + "/v1/completions", content=chunks(), headers={"Authorization": "Bearer k"})
+    openai_error(r, 413)
+    # a JSON body sent with curl's default form content type is still JSON
+    r = httpx.post(server + "/api/generate", headers={"Authorization": "Bearer k",
+                                                       "Content-Type": "application/x-www-form-urlencoded"},
+                   content=b'{"model": "s", "prompt": "Once", "stream": false, "options": {"num_predict": 3}}')
+    assert r.status_code == 200 and r.json()["done"]

@@ -61,6 +61,9 @@ def test_completions_stream_and_not(client):
         model="smollm2", prompt="The capital of France is", max_tokens=8, temperature=0, stream=True))
     assert r.choices[0].text == streamed and "Paris" in streamed
     assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 8
+    echo = client.completions.create(model="smollm2", prompt="The capital of France is", max_tokens=8,
+                                     temperature=0, echo=True)
+    assert echo.choices[0].text == "The capital of France is" + streamed
 
 
 def test_n_2_gives_two_choices(client):

@@ -21,17 +21,16 @@ OPEN_PATHS = {"/", "/health", "/favicon.ico", "/openapi.json", "/docs", "/redoc"
 
 
 def create_app(engine: Engine, *, api_key: str | None = None, name: str | None = None,
-               max_body: int = 8 << 20, stop_engine: bool = True) -> FastAPI:
+               max_body: int = 8 << 20) -> FastAPI:
     """The app serving `engine`. `api_key`: every route but /, /health and the API docs needs
     "Authorization: Bearer KEY". Bodies over `max_body` bytes get 413. On shutdown the engine
-    is stopped (running requests cancelled) unless `stop_engine` is False."""
+    is stopped (requests still running are cancelled)."""
     svc = Service(engine, name)
 
     @asynccontextmanager
     async def lifespan(app):
         yield
-        if stop_engine:
-            engine.stop()
+        engine.stop()
 
     app = FastAPI(title="herd", version=_version(), lifespan=lifespan)
     app.state.service = svc
@@ -41,9 +40,6 @@ def create_app(engine: Engine, *, api_key: str | None = None, name: str | None =
     @app.middleware("http")
     async def guard(request: Request, call_next):
         path = request.url.path
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > max_body):
-            return JSONResponse(errors.error_body(path, 413, f"the request body exceeds {max_body} bytes"), 413)
         if key is not None and path not in OPEN_PATHS:
             given = request.headers.get("authorization", "")
             token = given[7:] if given.lower().startswith("bearer ") else ""
@@ -52,6 +48,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, name: str | None =
                                     401, headers={"WWW-Authenticate": "Bearer"})
         return await call_next(request)
 
+    app.add_middleware(BodyLimit, limit=max_body)
     app.include_router(openai_api.router(svc))
     app.include_router(ollama_api.router(svc))
 
@@ -70,6 +67,47 @@ def create_app(engine: Engine, *, api_key: str | None = None, name: str | None =
         return page
 
     return app
+
+
+class BodyLimit:
+    """413 for a body over `limit` bytes, whether it says its length or streams in chunks; and a
+    POST body is JSON whatever its Content-Type says (`curl -d` sends a form type)."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        length = headers.get(b"content-length", b"0")
+        if not length.isdigit() or int(length) > self.limit:
+            path = scope["path"]
+            response = JSONResponse(errors.error_body(path, 413, f"the request body exceeds {self.limit} bytes"), 413)
+            return await response(scope, receive, send)
+        if scope["method"] == "POST" and b"json" not in headers.get(b"content-type", b""):
+            scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+                     + [(b"content-type", b"application/json")]}
+        seen, too_large = 0, False
+
+        async def limited():
+            nonlocal seen, too_large
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:  # stop reading; the app's answer is replaced below
+                too_large = True
+                return {"type": "http.request", "body": b"", "more_body": False}
+            return message
+
+        async def checked_send(message):
+            if not too_large:
+                return await send(message)
+            if message["type"] == "http.response.start":
+                response = JSONResponse(errors.error_body(scope["path"], 413,
+                                                          f"the request body exceeds {self.limit} bytes"), 413)
+                await response(scope, receive, send)
+
+        await self.app(scope, limited, checked_send)
 
 
 def serve(llm, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, max_batch: int = 8,

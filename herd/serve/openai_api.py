@@ -134,9 +134,10 @@ def router(svc: Service) -> APIRouter:
         events = submit_all(requests, http, body.stream)
         if body.stream:
             first = await _first_or_error(events)
-            return StreamingResponse(_completion_stream(svc, events, first, head, body, n_prompt),
+            echoes = [prompts[k // body.n] if body.echo else "" for k in range(len(requests))]
+            return StreamingResponse(_completion_stream(svc, events, first, head, body, n_prompt, echoes),
                                      media_type="text/event-stream")
-        texts = [""] * len(requests)
+        texts = [prompts[k // body.n] if body.echo else "" for k in range(len(requests))]
         lps: list[list] = [[] for _ in requests]
         reasons = [None] * len(requests)
         completion = 0
@@ -147,7 +148,8 @@ def router(svc: Service) -> APIRouter:
             completion += len(ev.tokens)
             reasons[i] = ev.finish_reason or reasons[i]
         choices = [{"index": i, "text": texts[i], "finish_reason": reasons[i],
-                    "logprobs": _completion_logprobs(svc, lps[i], 0) if body.logprobs is not None else None}
+                    "logprobs": _completion_logprobs(svc, lps[i], len(prompts[i // body.n]) if body.echo else 0)
+                    if body.logprobs is not None else None}
                    for i in range(len(requests))]
         return {**head, "choices": choices, "usage": usage(n_prompt, completion)}
 
@@ -256,11 +258,15 @@ async def _chat_stream(svc, events, first, head, body: ChatCompletionRequest, to
     yield "data: [DONE]\n\n"
 
 
-async def _completion_stream(svc, events, first, head, body: CompletionRequest, n_prompt):
+async def _completion_stream(svc, events, first, head, body: CompletionRequest, n_prompt, echoes):
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     extra = {"usage": None} if include_usage else {}
     completion = 0
-    offsets = {}
+    offsets = {i: len(echo) for i, echo in enumerate(echoes)}
+    for i, echo in enumerate(echoes):
+        if echo:
+            yield sse({**head, "choices": [{"index": i, "text": echo, "logprobs": None, "finish_reason": None}],
+                       **extra})
     async for i, ev, _ in _chain([first], events):
         if ev.finish_reason == "error":
             yield sse({"error": {"message": f"generation failed: {ev.error}", "type": "server_error",
