@@ -12,7 +12,7 @@ from herd.config import ModelConfig
 from herd.errors import HerdError
 from herd.generate import SamplingParams, Sequence, run_batch
 from herd.model import Transformer
-from herd.tokenizer import ChatFormat, Tokenizer
+from herd.tokenizer import ChatFormat, ChatReply, Tokenizer, parse_tool_calls
 
 _PARAM_NAMES = {f.name for f in dataclasses.fields(SamplingParams)}
 
@@ -42,8 +42,12 @@ class LLM:
             raise HerdError("the prompt is empty and this tokenizer has no BOS token to start from")
         return ids
 
-    def encode_chat(self, messages: list[dict]) -> list[int]:
-        return self._chat_format().encode(self.tokenizer, messages, add_generation_prompt=True)
+    def encode_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        return self._chat_format().encode(self.tokenizer, messages, add_generation_prompt=True, tools=tools)
+
+    def chat_stop_ids(self) -> set[int]:
+        """Every token that ends an assistant reply."""
+        return self.eos_ids | self._chat_format().stop_ids(self.tokenizer)
 
     def sequences(self, prompts: list[list[int]], params: SamplingParams, stop_ids: set[int]) -> list[Sequence]:
         """Sequences ready for `run_batch`; a prompt that leaves no room in the context is an error,
@@ -69,13 +73,22 @@ class LLM:
         """Text pieces of the completion of `prompt` as they are generated."""
         yield from self._stream(self.encode(prompt), options, self.eos_ids)
 
-    def chat(self, messages: list[dict], **options) -> str:
-        """The assistant's reply to an OpenAI-style list of {"role", "content"} messages."""
-        return "".join(self.stream_chat(messages, **options))
+    def chat(self, messages: list[dict], tools: list[dict] | None = None, **options) -> str | ChatReply:
+        """The assistant's reply to an OpenAI-style list of {"role", "content"} messages.
 
-    def stream_chat(self, messages: list[dict], **options) -> Iterator[str]:
-        fmt = self._chat_format()
-        yield from self._stream(self.encode_chat(messages), options, self.eos_ids | fmt.stop_ids(self.tokenizer))
+        With `tools` (OpenAI-shaped), a ChatReply: `.content`, `.tool_calls` parsed from the
+        reply ([] when it is plain text), `.error` when it looked like a call but was malformed,
+        and `.to_message()` to append it to the conversation."""
+        if tools is None:
+            return "".join(self.stream_chat(messages, **options))
+        (seq,) = self._run([self.encode_chat(messages, tools)], options, self.chat_stop_ids())
+        reply = parse_tool_calls(seq.text)
+        reply.finish_reason = reply.finish_reason or seq.finish_reason
+        return reply
+
+    def stream_chat(self, messages: list[dict], tools: list[dict] | None = None, **options) -> Iterator[str]:
+        """Text pieces of the reply; with tools, feed the joined text to `parse_tool_calls`."""
+        yield from self._stream(self.encode_chat(messages, tools), options, self.chat_stop_ids())
 
     def _chat_format(self) -> ChatFormat:
         if self.chat_format is None:
