@@ -186,3 +186,23 @@ def test_ollama_generate_and_chat(server):
     with pytest.raises(ollama.ResponseError) as e:
         c.chat(model="llama3", messages=messages)
     assert e.value.status_code == 404
+
+
+def test_tools_go_into_the_system_message_of_a_template_without_tools(smollm2_llm):
+    from herd.serve import tools as toolcalls
+
+    assert not toolcalls.knows_tools(smollm2_llm)  # SmolLM2's ChatML template ignores `tools`
+    history = [{"role": "user", "content": "Weather in Paris?"},
+               {"role": "assistant", "content": None, "tool_calls": [
+                   {"id": "call_1", "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "celsius"}'}}]},
+               {"role": "tool", "tool_call_id": "call_1", "content": "22 C"}]
+    text = smollm2_llm.tokenizer.decode(toolcalls.prompt_ids(smollm2_llm, history, [WEATHER]))
+    assert text.startswith("<|im_start|>system\nYou have access to the following functions.")
+    assert '"name": "get_weather"' in text and '"description": "Current weather in a city"' in text
+    assert '<|im_start|>assistant\n{"name": "get_weather", "parameters": {"city": "Paris", "unit": "celsius"}}' in text
+    assert "<|im_start|>tool\n22 C<|im_end|>" in text
+    content, calls = toolcalls.read_reply('{"name": "get_weather", "parameters": {"city": "Oslo"}}',
+                                          [WEATHER["function"]])
+    assert content is None and calls[0]["function"] == {"name": "get_weather", "arguments": '{"city": "Oslo"}'}
+    assert toolcalls.read_reply('{"name": "launch", "parameters": {}}', [WEATHER["function"]])[1] == []

@@ -79,26 +79,22 @@ def router(svc: Service) -> APIRouter:
     async def chat_completions(body: ChatCompletionRequest, http: Request):
         svc.check_model(body.model)
         messages = svc.normalize_messages([m.model_dump(exclude_none=True) for m in body.messages])
-        tools = [t.function.model_dump(exclude_none=True) for t in body.tools or []]
-        choice = body.tool_choice or ("auto" if tools else "none")
+        functions = [t.function.model_dump(exclude_none=True) for t in body.tools or []]
+        choice = body.tool_choice or ("auto" if functions else "none")
         schema = json_schema_of(body.response_format)
-        if choice != "none":
-            if not tools:
-                raise APIError(400, "tool_choice needs tools", param="tool_choice")
-            if not isinstance(choice, str):
-                tools = [t for t in tools if t["name"] == choice.function.name]
-                if not tools:
-                    raise APIError(400, f"tool_choice names {choice.function.name!r}, which is not in tools",
-                                   param="tool_choice")
-            if choice != "auto":
-                schema = toolcalls.call_schema(tools)
-            if messages[0]["role"] == "system":
-                messages[0] = {**messages[0], "content": toolcalls.system_prompt(tools) + "\n\n" + messages[0]["content"]}
-            else:
-                messages.insert(0, {"role": "system", "content": toolcalls.system_prompt(tools)})
-        calling = tools if choice != "none" else []
+        if choice != "none" and not functions:
+            raise APIError(400, "tool_choice needs tools", param="tool_choice")
+        called = functions
+        if not isinstance(choice, str):
+            called = [f for f in functions if f["name"] == choice.function.name]
+            if not called:
+                raise APIError(400, f"tool_choice names {choice.function.name!r}, which is not in tools",
+                               param="tool_choice")
+        if choice not in ("none", "auto"):
+            schema = toolcalls.call_schema(called)
+        calling = called if choice != "none" else []
         try:
-            ids = svc.chat_ids(messages)
+            ids = svc.chat_ids(messages, [{"type": "function", "function": f} for f in functions] or None)
             logprobs = (body.top_logprobs or 0) if body.logprobs else None
             requests = [svc.request(ids, params_for(body, body.max_completion_tokens or body.max_tokens, schema, i),
                                     chat=True, logprobs=logprobs) for i in range(body.n)]
@@ -190,11 +186,11 @@ def _completion_logprobs(svc: Service, lps, offset: int) -> dict:
 
 def _tool_message(text: str, tools: list[dict]) -> tuple[dict, bool]:
     """The assistant message for `text`, and whether it is a tool call."""
-    call = toolcalls.parse_call(text, tools) if tools else None
-    if call is None:
-        return {"role": "assistant", "content": text, "refusal": None}, False
-    tool_call = {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function", "function": call}
-    return {"role": "assistant", "content": None, "refusal": None, "tool_calls": [tool_call]}, True
+    content, calls = toolcalls.read_reply(text, tools) if tools else (text, [])
+    message = {"role": "assistant", "content": content, "refusal": None}
+    if calls:
+        message["tool_calls"] = calls
+    return message, bool(calls)
 
 
 async def _chat_reply(svc, events, head, body: ChatCompletionRequest, tools, n_prompt) -> dict:

@@ -3,14 +3,13 @@ from sampling fields."""
 
 from __future__ import annotations
 
-import json
 import time
 
 from herd.engine import Engine, Request
 from herd.errors import HerdError
 from herd.generate import SamplingParams
+from herd.serve import tools as toolcalls
 from herd.serve.errors import APIError
-from herd.tokenizer import JinjaChat
 
 
 class Service:
@@ -26,31 +25,24 @@ class Service:
             raise APIError(404, f"model {model!r} does not exist; this server serves {self.name!r}",
                            param="model", code="model_not_found")
 
-    def chat_ids(self, messages: list[dict]) -> list[int]:
+    def chat_ids(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        """The prompt of a chat, with `tools` (OpenAI-shaped) offered to the model."""
         if self.llm.chat_format is None:
             raise APIError(400, f"model {self.name} has no chat format; use the completions endpoint",
                            param="messages")
-        return self.llm.encode_chat(messages)
+        return toolcalls.prompt_ids(self.llm, messages, tools)
 
     def normalize_messages(self, messages: list[dict]) -> list[dict]:
-        """OpenAI messages -> {"role", "content"} dicts the chat formats take: content parts
-        joined, developer as system, tool calls and results as text."""
-        jinja = isinstance(self.llm.chat_format, JinjaChat)
+        """OpenAI messages as the chat formats take them: content parts joined into a string,
+        developer as system."""
         out = []
         for m in messages:
-            role, content = m["role"], m.get("content")
-            if isinstance(content, list):
-                content = "".join(p.get("text") or "" for p in content if p.get("type") == "text")
-            content = content or ""
-            if role == "developer":
-                role = "system"
-            if role == "assistant" and m.get("tool_calls"):
-                calls = [{"name": c["function"]["name"], "parameters": _json_or_text(c["function"]["arguments"])}
-                         for c in m["tool_calls"]]
-                content = (content + "\n" if content else "") + "\n".join(json.dumps(c) for c in calls)
-            if role == "tool" and not jinja:
-                role, content = "user", f"Function result: {content}"
-            out.append({"role": role, "content": content})
+            m = dict(m)
+            if isinstance(m.get("content"), list):
+                m["content"] = "".join(p.get("text") or "" for p in m["content"] if p.get("type") == "text")
+            if m["role"] == "developer":
+                m["role"] = "system"
+            out.append(m)
         return out
 
     def request(self, prompt_ids: list[int], params: SamplingParams, chat: bool, logprobs: int | None = None) -> Request:
@@ -66,13 +58,6 @@ class Service:
         if self._token_bytes is None:
             self._token_bytes = self.llm.tokenizer.token_bytes()
         return list(self._token_bytes[token]) if token < len(self._token_bytes) else []
-
-
-def _json_or_text(arguments: str):
-    try:
-        return json.loads(arguments)
-    except json.JSONDecodeError:
-        return arguments
 
 
 def sampling_params(**fields) -> SamplingParams:
