@@ -12,7 +12,7 @@ class EngineMetrics:
     def __init__(self):
         r = self.registry = CollectorRegistry()
         self.requests = Counter("herd_requests", "Requests finished, by finish reason", ["finish_reason"], registry=r)
-        self.prompt_tokens = Counter("herd_prompt_tokens", "Prompt tokens prefilled", registry=r)
+        self.prompt_tokens = Counter("herd_prompt_tokens", "Prompt tokens prefilled (reused prefixes not counted)", registry=r)
         self.prefix_reused = Counter("herd_prefix_reused_tokens", "Prompt tokens taken from a cached prefix", registry=r)
         self.generation_tokens = Counter("herd_generation_tokens", "Tokens generated", registry=r)
         self.queue_depth = Gauge("herd_queue_depth", "Requests waiting for a slot", registry=r)
