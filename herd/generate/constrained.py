@@ -28,8 +28,34 @@ class _Vocabulary:
         self.special_token_ids = sorted(tokenizer.special_tokens.values())
         self._tokenizer = tokenizer
 
-    def __call__(self, text: str) -> list[int]:
-        return self._tokenizer.encode(text)
+    def __call__(self, text: str | bytes) -> list[int]:
+        """Tokens spelling exactly `text`: the tokenizer's own encoding when it does (a
+        SentencePiece model prepends a space), else the longest known token at each point."""
+        data = text if isinstance(text, bytes) else text.encode()
+        try:
+            ids = self._tokenizer.encode(data.decode())
+            if b"".join(self.tokens[i] for i in ids) == data:
+                return ids
+        except UnicodeDecodeError:  # part of a character
+            pass
+        return self._greedy(data)
+
+    def _greedy(self, data: bytes) -> list[int]:
+        if not hasattr(self, "_by_bytes"):
+            specials = set(self.special_token_ids)
+            self._by_bytes = {b: i for i, b in reversed(list(enumerate(self.tokens))) if b and i not in specials}
+            self._longest = max(map(len, self._by_bytes))
+        ids, at = [], 0
+        while at < len(data):
+            for n in range(min(self._longest, len(data) - at), 0, -1):
+                token = self._by_bytes.get(data[at : at + n])
+                if token is not None:
+                    ids.append(token)
+                    at += n
+                    break
+            else:
+                raise HerdError(f"constrained decoding: no token spells byte {data[at]:#04x}")
+        return ids
 
 
 def _ll_tokenizer(tokenizer: Tokenizer) -> llguidance.LLTokenizer:
