@@ -28,7 +28,7 @@ class HFTokenizer(Tokenizer):
         # `encode_special_tokens` is state on the tokenizer object, flipped per call.
         self._lock = threading.Lock()
         specials = {t.content: i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special}
-        self._special_ids = set(specials.values())
+        self._added_ids = set(tokenizer.get_added_tokens_decoder())  # written as plain text
         super().__init__(
             vocab_size=tokenizer.get_vocab_size(with_added_tokens=True),
             special_tokens=specials,
@@ -49,17 +49,20 @@ class HFTokenizer(Tokenizer):
 
     def token_bytes(self) -> list[bytes]:
         """Byte-level vocabularies spell bytes as printable characters (GPT-2's table); others
-        are SentencePiece-style, with U+2581 for a space and <0xNN> for byte fallback."""
+        are SentencePiece-style, with U+2581 for a space and <0xNN> for byte fallback. Added
+        tokens are plain text in both."""
         byte_level = "ByteLevel" in json.dumps(json.loads(self._tok.to_str()).get("decoder"))
         chars = _byte_level_chars() if byte_level else {}
         out = []
         for i in range(self.vocab_size):
             piece = self._tok.id_to_token(i) or ""
-            if i in self._special_ids or not byte_level:
-                byte = _BYTE_PIECE.fullmatch(piece)
-                out.append(bytes([int(byte[1], 16)]) if byte and not byte_level else piece.replace("\u2581", " ").encode())
-            else:
+            byte = None if byte_level else _BYTE_PIECE.fullmatch(piece)
+            if i in self._added_ids:
+                out.append(piece.encode())
+            elif byte_level:
                 out.append(bytes(chars[c] for c in piece))
+            else:
+                out.append(bytes([int(byte[1], 16)]) if byte else piece.replace("\u2581", " ").encode())
         return out
 
 
