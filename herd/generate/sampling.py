@@ -97,7 +97,9 @@ class Sampler:
             logits = logits - p.frequency_penalty * self.counts - p.presence_penalty * (self.counts > 0)
         if p.temperature == 0:
             return int(logits.argmax())
-        logits = logits / p.temperature
+        # In float64 and shifted so that the largest is 0: a tiny temperature then sends the
+        # others to -inf instead of overflowing (or rounding the temperature to 0 in float32).
+        logits = (logits.double() - logits.max()) / p.temperature
         if p.top_k and p.top_k < logits.numel():
             kth = torch.topk(logits, p.top_k).values[-1]
             logits = logits.masked_fill(logits < kth, -math.inf)
