@@ -53,13 +53,15 @@ def write(text: str) -> None:
     sys.stdout.flush()
 
 
+def read_stdin(what: str) -> str:
+    if sys.stdin.isatty():
+        raise HerdError(f"no {what}: give it as an argument or on standard input")
+    text = sys.stdin.read()
+    return text[:-1] if text.endswith("\n") else text  # the newline echo or a file ends with
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
-    prompt = args.prompt
-    if prompt is None:
-        if sys.stdin.isatty():
-            raise HerdError("no prompt: give one as an argument or on standard input")
-        prompt = sys.stdin.read()
-        prompt = prompt[:-1] if prompt.endswith("\n") else prompt  # the newline echo or a file ends with
+    prompt = args.prompt if args.prompt is not None else read_stdin("prompt")
     options = sampling_options(args)
     from herd.llm import make_params
 
@@ -117,6 +119,45 @@ def cmd_chat(args: argparse.Namespace) -> None:
             write(" (stopped)")
         write("\n")
         history.append({"role": "assistant", "content": "".join(reply)})
+
+
+def cmd_infill(args: argparse.Namespace) -> None:
+    if not args.prefix and not args.suffix:
+        raise HerdError("give the code around the gap with --prefix and/or --suffix")
+    options = sampling_options(args)
+    from herd.llm import make_params
+
+    make_params(options)
+    llm = load_llm(args)
+    for piece in llm.stream_infill(args.prefix, args.suffix, suffix_first=args.suffix_first, **options):
+        write(piece)
+    write("\n")
+
+
+def cmd_guard(args: argparse.Namespace) -> None:
+    from herd.tokenizer.guard import LlamaGuard3
+
+    categories = None
+    if args.categories:
+        import json
+
+        try:
+            with open(args.categories, encoding="utf-8") as f:
+                categories = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise HerdError(f"{args.categories}: cannot read a JSON category list ({e})") from None
+    guard = LlamaGuard3(categories, args.exclude)
+    text = args.text if args.text is not None else read_stdin("text to classify")
+    messages = [{"role": "user", "content": text}]
+    if args.response is not None:
+        messages.append({"role": "assistant", "content": args.response})
+    if args.print_prompt:
+        write(guard.render(messages) + "\n")
+        return
+    verdict = load_llm(args).moderate(messages, guard.categories)
+    if verdict.safe is None:
+        raise HerdError(f"the model gave no verdict ({verdict.error}); is it a Llama Guard 3 model?")
+    write("safe\n" if verdict.safe else "unsafe\n" + ",".join(verdict.categories) + "\n")
 
 
 def cmd_info(args: argparse.Namespace) -> None:
@@ -178,6 +219,26 @@ def build_parser() -> Parser:
     add_model_args(p)
     add_sampling_args(p, temperature=0.7)
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("infill", help="fill the gap between a prefix and a suffix (Code Llama)", description=(
+        "Write the code that goes between --prefix and --suffix, with a Code Llama model's infilling format."))
+    p.add_argument("--prefix", default="", help="the code before the gap")
+    p.add_argument("--suffix", default="", help="the code after the gap")
+    p.add_argument("--suffix-first", action="store_true", help="the suffix-prefix-middle ordering")
+    add_model_args(p)
+    add_sampling_args(p, temperature=0.0)
+    p.set_defaults(func=cmd_infill)
+
+    p = sub.add_parser("guard", help="classify a message as safe or unsafe (Llama Guard 3)", description=(
+        "Ask a Llama Guard 3 model whether TEXT (a user message), or --response (the assistant's answer to it), "
+        "is safe. Prints 'safe', or 'unsafe' and a line of violated category codes (S1-S14)."))
+    p.add_argument("text", nargs="?", help="the user message (default: read standard input)")
+    p.add_argument("--response", help="classify this assistant answer to TEXT instead of TEXT itself")
+    p.add_argument("--categories", metavar="FILE", help='JSON: {"S1": "Name.", ...} or ["Name.", ...] (default: MLCommons S1-S14)')
+    p.add_argument("--exclude", action="append", default=[], metavar="CODE", help="leave a category out (repeatable)")
+    p.add_argument("--print-prompt", action="store_true", help="print the prompt instead of running a model")
+    add_model_args(p)
+    p.set_defaults(func=cmd_guard)
 
     p = sub.add_parser("info", help="show a model's config, size and memory",
                        description="Print a config (a registered name or a checkpoint path), its parameter count and memory per dtype.")
