@@ -160,6 +160,31 @@ def cmd_guard(args: argparse.Namespace) -> None:
     write("safe\n" if verdict.safe else "unsafe\n" + ",".join(verdict.categories) + "\n")
 
 
+def cmd_eval_perplexity(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from herd.eval import perplexity
+
+    try:
+        text = Path(args.file).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise HerdError(f"{args.file}: cannot read as UTF-8 text ({e})") from None
+    llm = load_llm(args)
+    ids = llm.tokenizer.encode(text, bos=llm.tokenizer.add_bos)
+    r = perplexity(llm.model, ids, args.context, args.stride, args.batch_size, n_bytes=len(text.encode()))
+    print(f"tokens {r.tokens}  nats/token {r.nats_per_token:.4f}  perplexity {r.perplexity:.4f}  "
+          f"bits/byte {r.bits_per_byte:.4f}")
+
+
+def cmd_eval_choice(args: argparse.Namespace) -> None:
+    from herd.eval import multiple_choice, read_items
+
+    items = read_items(args.file)
+    llm = load_llm(args)
+    r = multiple_choice(llm.model, llm.tokenizer, items, args.batch_size)
+    print(f"items {r.n}  acc {r.acc:.4f}  acc_norm {r.acc_norm:.4f}")
+
+
 def cmd_info(args: argparse.Namespace) -> None:
     from herd.info import describe
 
@@ -239,6 +264,27 @@ def build_parser() -> Parser:
     p.add_argument("--print-prompt", action="store_true", help="print the prompt instead of running a model")
     add_model_args(p)
     p.set_defaults(func=cmd_guard)
+
+    p = sub.add_parser("eval", help="perplexity and multiple-choice accuracy", description=(
+        "Evaluate a model. For any lm-evaluation-harness task, use `herd-lm-eval --model herd "
+        "--model_args pretrained=PATH --tasks TASK`."))
+    kinds = p.add_subparsers(dest="kind", required=True, parser_class=Parser, metavar="KIND")
+    q = kinds.add_parser("perplexity", help="perplexity of a text file, with a sliding window", description=(
+        "Perplexity of a UTF-8 text file: every token is predicted once from up to --context tokens before it, "
+        "windows --stride tokens apart."))
+    q.add_argument("file")
+    q.add_argument("--context", type=int, help="window length in tokens (default: the model's context)")
+    q.add_argument("--stride", type=int, help="tokens between window starts (default: half the context)")
+    q.add_argument("--batch-size", type=int, default=8)
+    add_model_args(q)
+    q.set_defaults(func=cmd_eval_perplexity)
+    q = kinds.add_parser("choice", help="multiple-choice accuracy of a JSONL file", description=(
+        'Accuracy on a JSONL file of {"question": ..., "choices": [...], "answer": index}, picking the choice '
+        "of highest log-likelihood (acc) and per character (acc_norm)."))
+    q.add_argument("file")
+    q.add_argument("--batch-size", type=int, default=8)
+    add_model_args(q)
+    q.set_defaults(func=cmd_eval_choice)
 
     p = sub.add_parser("info", help="show a model's config, size and memory",
                        description="Print a config (a registered name or a checkpoint path), its parameter count and memory per dtype.")
