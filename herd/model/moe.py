@@ -43,7 +43,9 @@ class Experts(nn.Module):
                 h = routed[start:start + n]
                 out[start:start + n] = (F.silu(h @ self.w1[e]) * (h @ self.w3[e])) @ self.w2[e]
                 start += n
-        return torch.zeros_like(x).index_add_(0, token, out)
+        unsorted = torch.empty_like(out)
+        unsorted[order] = out  # back to (token, k) order; index_add_ would be far slower on the CPU
+        return unsorted.view(-1, k, x.shape[1]).sum(1)
 
 
 class MoE(nn.Module):
