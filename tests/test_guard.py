@@ -157,3 +157,11 @@ def test_cli_guard_prompt():
     assert r.stdout == AGENT_PROMPT + "\n"
     r = run_herd("guard", "--print-prompt", "x", "--exclude", "S99")
     assert r.returncode == 2 and "S99" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_family_commands_have_help():
+    from test_cli import herd as run_herd
+
+    for command in (["infill"], ["guard"], ["eval"], ["eval", "perplexity"], ["eval", "choice"]):
+        r = run_herd(*command, "--help")
+        assert r.returncode == 0 and "usage: herd " + " ".join(command) in r.stdout, r.stderr

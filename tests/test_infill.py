@@ -109,6 +109,8 @@ def test_cli_infill(codellama, tmp_path):
     from test_cli import herd as run_herd
 
     tok, data = codellama
+    if tok.token_id("▁<PRE>") is not None:
+        pytest.skip("the CLI runs once, on the variant with ordinary infilling pieces")
     torch.manual_seed(1)
     cfg = ModelConfig(dim=32, n_layers=1, n_heads=2, vocab_size=32016, hidden_dim=64, max_seq_len=128)
     model = spread_init(Transformer(cfg)).eval()
