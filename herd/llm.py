@@ -13,6 +13,8 @@ from herd.errors import HerdError
 from herd.generate import SamplingParams, Sequence, run_batch
 from herd.model import Transformer
 from herd.tokenizer import ChatFormat, ChatReply, Tokenizer, parse_tool_calls
+from herd.tokenizer.guard import GuardVerdict, LlamaGuard3, parse_guard
+from herd.tokenizer.infill import infill_ids, infill_stop_ids
 
 _PARAM_NAMES = {f.name for f in dataclasses.fields(SamplingParams)}
 
@@ -89,6 +91,31 @@ class LLM:
     def stream_chat(self, messages: list[dict], tools: list[dict] | None = None, **options) -> Iterator[str]:
         """Text pieces of the reply; with tools, feed the joined text to `parse_tool_calls`."""
         yield from self._stream(self.encode_chat(messages, tools), options, self.chat_stop_ids())
+
+    def encode_infill(self, prefix: str, suffix: str, suffix_first: bool = False) -> list[int]:
+        """Code Llama's infilling prompt: the model writes what goes between prefix and suffix."""
+        return infill_ids(self.tokenizer, prefix, suffix, suffix_first)
+
+    def infill_stop_ids(self) -> set[int]:
+        return self.eos_ids | infill_stop_ids(self.tokenizer)
+
+    def infill(self, prefix: str, suffix: str, suffix_first: bool = False, **options) -> str:
+        """The middle a Code Llama model writes between `prefix` and `suffix` (ends at <EOT>)."""
+        return "".join(self.stream_infill(prefix, suffix, suffix_first, **options))
+
+    def stream_infill(self, prefix: str, suffix: str, suffix_first: bool = False, **options) -> Iterator[str]:
+        yield from self._stream(self.encode_infill(prefix, suffix, suffix_first), options, self.infill_stop_ids())
+
+    def moderate(self, conversation: str | list[dict], categories: dict[str, str] | list[str] | None = None,
+                 excluded: list[str] = (), max_tokens: int = 20) -> GuardVerdict:
+        """Llama Guard 3's verdict on the last turn of `conversation` (a user message as a str, or
+        user/assistant messages); this LLM must be a Llama Guard model. Greedy, as Meta runs it."""
+        guard = LlamaGuard3(categories, excluded)
+        messages = [{"role": "user", "content": conversation}] if isinstance(conversation, str) else conversation
+        ids = guard.encode(self.tokenizer, messages)
+        (seq,) = self._run([ids], {"max_tokens": max_tokens, "temperature": 0.0},
+                           self.eos_ids | guard.stop_ids(self.tokenizer))
+        return parse_guard(seq.text, guard.categories)
 
     def _chat_format(self) -> ChatFormat:
         if self.chat_format is None:

@@ -49,6 +49,11 @@ class SentencePieceTokenizer(Tokenizer):
             chat_template=chat_template,
         )
 
+    def piece_id(self, piece: str) -> int | None:
+        """Id of the piece spelled `piece` (any type), or None."""
+        i = self._sp.piece_to_id(piece)
+        return i if self._sp.id_to_piece(i) == piece else None
+
     def _encode(self, text: str, special: bool) -> list[int]:
         if not special or not self._special_text:
             return self._sp.encode(text)
