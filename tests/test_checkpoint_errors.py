@@ -213,7 +213,7 @@ def test_bad_dtype(hf_dir):
 
 
 def test_convert_refuses_unknown_target_and_nonempty_destination(hf_dir, tmp_path):
-    with pytest.raises(HerdError, match="'gguf'"):
-        convert(hf_dir, tmp_path / "out", to="gguf")
+    with pytest.raises(HerdError, match="'onnx'"):
+        convert(hf_dir, tmp_path / "out", to="onnx")
     with pytest.raises(HerdError, match="not an empty directory"):
         convert(hf_dir, hf_dir, to="meta")

@@ -2,6 +2,9 @@
 model), more than one token per step on repetitive text, and an acceptance rule that leaves the
 sampled distribution unchanged."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -35,14 +38,21 @@ def fresh(llm: LLM) -> LLM:
     return LLM(llm.model, llm.tokenizer, llm.chat_format, llm.eos_ids)
 
 
+@pytest.fixture(scope="module")
+def greedy(smollm2):
+    """Plain greedy outputs, computed once per prompt."""
+    return {p: fresh(smollm2).generate(p, max_tokens=24, temperature=0) for p in PROMPTS}
+
+
 @pytest.mark.skipif(native.library() is None, reason="exact equality needs the native decode step")
-def test_greedy_equality(smollm2, smollm2_gguf):
-    plain = [fresh(smollm2).generate(p, max_tokens=24, temperature=0) for p in PROMPTS]
-    lookup = fresh(smollm2).speculate(lookup=True)
-    assert [lookup.generate(p, max_tokens=24, temperature=0) for p in PROMPTS] == plain
-    draft = herd.load(smollm2_gguf, quantize="int4", group_size=128)  # a different, cheaper model
-    drafted = fresh(smollm2).speculate(draft=draft, tokens=4)
-    assert [drafted.generate(p, max_tokens=24, temperature=0) for p in PROMPTS] == plain
+@pytest.mark.parametrize("drafter, n", [("lookup", 10), ("draft", 3), pytest.param("draft", 10, marks=pytest.mark.slow)])
+def test_greedy_equality(smollm2, smollm2_gguf, greedy, drafter, n):
+    if drafter == "lookup":
+        llm = fresh(smollm2).speculate(lookup=True)
+    else:  # a different, cheaper model
+        llm = fresh(smollm2).speculate(draft=herd.load(smollm2_gguf, quantize="int4", group_size=128), tokens=4)
+    prompts = PROMPTS[:n]
+    assert [llm.generate(p, max_tokens=24, temperature=0) for p in prompts] == [greedy[p] for p in prompts]
 
 
 CODE = ("def area(width, height):\n    result = width * height\n    return result\n\n\n"
@@ -96,3 +106,16 @@ def test_speculate_errors(smollm2, shared):
     stories = herd.load(shared("models", "stories260K", "stories260K.bin"))
     with pytest.raises(HerdError, match="tokenizer"):
         fresh(smollm2).speculate(draft=stories)
+
+
+def test_generate_lookup_command(smollm2_gguf):
+    def herd_generate(*args):
+        r = subprocess.run([sys.executable, "-m", "herd", "generate", "-t", "0", "-n", "16", *args, PROMPTS[3]],
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    assert herd_generate("--lookup", "--draft-tokens", "3") == herd_generate()
+    r = subprocess.run([sys.executable, "-m", "herd", "generate", "--lookup", "--draft", "x", "hi"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "not allowed with" in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -137,6 +137,7 @@ def speculative_decode(model: Transformer, seq: Sequence, drafter, k: int = 5,
     while not seq.finished:
         yield [(0, speculative_step(model, cache, seq, drafter, k))]
 
+
 def make_drafter(llm, draft=None, lookup: bool = False):
     """The drafter for `llm`: PromptLookup, or a DraftModel of `draft` (an LLM or a model herd.load
     takes), or None for neither."""

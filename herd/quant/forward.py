@@ -72,6 +72,8 @@ def _norm(module: nn.Module, records: list) -> int | None:
 def _describe(model: Transformer) -> tuple[_Model, object, list] | None:
     """The model for C (plus what must stay alive with it and the validity records), or None."""
     cfg, records = model.config, [(model._modules, "layers", model.layers)]
+    if cfg.moe or cfg.nope_layer_step or cfg.attention_chunk_size or cfg.qk_norm or cfg.attn_temperature:
+        return None  # Llama 4's layers: the torch forward
     layers = (_Layer * cfg.n_layers)()
     for i, block in enumerate(model.layers):
         records.append((model.layers._modules, str(i), block))

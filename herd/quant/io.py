@@ -40,20 +40,21 @@ def load_model(path: str | Path, dtype: torch.dtype, device: str = "cpu", quanti
                group_size: int | None = None, tokenizer: bool = True) -> tuple[Transformer, Checkpoint]:
     """The model at `path` and its Checkpoint (config, tokenizer, chat template, end tokens).
 
-    quantize_to None keeps the weights as stored: GGUF quants and herd's quantized checkpoints stay
-    packed (on the CPU), float weights take `dtype`. "int8" / "int4" quantize the weights (a GGUF
-    quant is dequantized first); "none" dequantizes everything to `dtype`. On the CPU 16-bit weights
+    quantize_to None: float weights take `dtype`, GGUF quants are dequantized to it, herd's quantized
+    checkpoints stay packed. "keep": GGUF quants stay packed too (on the CPU; faster, but the
+    kernels' int8 activations change some greedy outputs). "int8" / "int4" quantize the weights
+    (a GGUF quant is dequantized first). On the CPU 16-bit weights
     are packed (computed in fp32: torch's CPU bf16 matmul is very slow) and decode steps run natively.
     """
     path = Path(path)
-    if quantize_to not in (None, "none", *SCHEMES):
-        raise HerdError(f"unknown quantization {quantize_to!r}; use int8, int4 or none")
+    if quantize_to not in (None, "keep", *SCHEMES):
+        raise HerdError(f"unknown quantization {quantize_to!r}; use int8, int4 or keep")
     cpu = torch.device(device).type == "cpu"
     if is_packed_dir(path):
-        if quantize_to is not None:
+        if quantize_to not in (None, "keep"):
             raise HerdError(f"{path}: already quantized; load it without a quantization")
         model, ckpt = load_packed(path, tokenizer)
-    elif quantize_to is None and cpu and detect_format(path) == "gguf":
+    elif quantize_to == "keep" and cpu and detect_format(path) == "gguf":
         from herd.quant.gguf import load_gguf_packed
 
         model, ckpt = load_gguf_packed(path, tokenizer)

@@ -13,6 +13,7 @@ from torch import nn
 
 from herd.errors import HerdError
 from herd.model import Transformer
+from herd.model.transformer import FeedForward
 from herd.quant.linear import PackedEmbedding, PackedLinear, kernel_ok, pack_q4
 
 _HALF = {torch.float16: "f16", torch.bfloat16: "bf16"}
@@ -81,7 +82,8 @@ def _targets(model: Transformer) -> list[tuple[nn.Module, str]]:
     found = []
     for layer in model.layers:
         found += [(layer.attention, name) for name in ("wq", "wk", "wv", "wo")]
-        found += [(layer.feed_forward, name) for name in ("w1", "w2", "w3")]
+        if isinstance(layer.feed_forward, FeedForward):  # a mixture of experts stays as it is
+            found += [(layer.feed_forward, name) for name in ("w1", "w2", "w3")]
     return found + [(model, "output")]
 
 

@@ -135,3 +135,6 @@ class TiktokenTokenizer(Tokenizer):
 
     def _decode(self, ids: list[int]) -> str:
         return self._enc.decode(ids)
+
+    def token_bytes(self) -> list[bytes]:
+        return [self._enc.decode_single_token_bytes(i) for i in range(self.vocab_size)]

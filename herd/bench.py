@@ -1,0 +1,232 @@
+"""`herd bench`: prefill and decode speed of a model in each weight format, its peak memory, and how
+close decoding comes to the machine's limit, side by side with transformers and llama.cpp.
+
+Decoding one token streams every weight once, so (weight bytes per token / memory bandwidth) bounds
+decode speed; the bench measures the bandwidth itself and reports decode as a fraction of that
+bound. Each format runs in its own process, so each peak RSS is that format's alone.
+"""
+
+from __future__ import annotations
+
+import csv
+import multiprocessing
+import resource
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from herd.errors import HerdError
+
+FORMATS = ("f32", "f16", "bf16", "int8", "int4")
+# llama.cpp's type for each format: what herd's format matches bit for bit (int8 in groups of 32 is
+# Q8_0, symmetric int4 in groups of 32 is Q4_0)
+GGUF_TYPES = {"f32": "f32", "f16": "f16", "bf16": "bf16", "int8": "q8_0", "int4": "q4_0"}
+
+
+def bandwidth_gbs(nbytes: int = 1 << 29, repeats: int = 5) -> float:
+    """Memory bandwidth in GB/s as bytes read + written by a large tensor copy (best of a few)."""
+    src = torch.ones(nbytes // 4)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t)
+    return 2 * nbytes / best / 1e9
+
+
+def random_model(config: str, fmt: str, seed: int = 0):
+    """A model of the registered config `config` with random weights, in `fmt`."""
+    from herd.config import get_config
+    from herd.model import Transformer
+    from herd.quant import quantize
+    from herd.quant.forward import enable
+
+    torch.manual_seed(seed)
+    model = Transformer(get_config(config)).eval().requires_grad_(False)
+    if fmt in ("f16", "bf16"):
+        quantize(model.to(torch.float16 if fmt == "f16" else torch.bfloat16), 16)
+    elif fmt == "int8":
+        quantize(model, 8, 32)
+    elif fmt == "int4":
+        quantize(model, 4, 32, symmetric=True)
+    return enable(model)
+
+
+def checkpoint_model(path: str, fmt: str):
+    """The checkpoint at `path` in `fmt` ("stored": GGUF quants kept as they are)."""
+    from herd.quant.io import load_model
+
+    dtype = {"f16": torch.float16, "bf16": torch.bfloat16}.get(fmt, torch.float32)
+    quantize_to = {"stored": "keep", "int8": "int8", "int4": "int4"}.get(fmt)
+    return load_model(path, dtype, quantize_to=quantize_to, group_size=32 if fmt == "int8" else None,
+                      tokenizer=False)[0]
+
+
+def streamed_bytes(model) -> int:
+    """Bytes of weights read per decoded token: all but the embedding table, of which one row is
+    read (a tied embedding is counted as the output matrix)."""
+    return sum(t.numel() * t.element_size() for name, t in model.state_dict().items()
+               if not name.startswith("tok_embeddings."))
+
+
+@torch.inference_mode()
+def measure(model, prompt: int, tokens: int) -> dict:
+    """Prefill tok/s (best of 3) and decode tok/s (greedy, batch 1, after a warm-up step)."""
+    vocab = model.config.vocab_size
+    ids = torch.randint(0, vocab, (1, prompt))
+    best = float("inf")
+    for _ in range(3):
+        cache = model.new_cache(1, prompt + tokens + 1)
+        t = time.perf_counter()
+        logits = model(ids, torch.arange(prompt), cache, logits_at=torch.tensor([prompt - 1]))
+        best = min(best, time.perf_counter() - t)
+    token = logits[:, -1].argmax(-1, keepdim=True)
+    model(token, torch.tensor([prompt]), cache)  # warm-up
+    t = time.perf_counter()
+    for i in range(tokens):
+        token = model(token, torch.tensor([prompt + 1 + i]), cache)[:, -1].argmax(-1, keepdim=True)
+    return {"prefill": prompt / best, "decode": tokens / (time.perf_counter() - t)}
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak resident memory (VmHWM: unlike ru_maxrss, not inherited from the parent)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kilobytes on Linux
+
+
+def _herd_row(source: str, fmt: str, prompt: int, tokens: int, threads: int) -> dict:
+    torch.set_num_threads(threads)
+    model = checkpoint_model(source, fmt) if Path(source).exists() else random_model(source, fmt)
+    row = measure(model, prompt, tokens)
+    return dict(row, bytes=streamed_bytes(model), rss=_peak_rss_mb())
+
+
+def _transformers_row(config: str, fmt: str, prompt: int, tokens: int, threads: int) -> dict:
+    """transformers' generate on random weights of the same shape (speed does not depend on the values)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.generation.streamers import BaseStreamer
+
+    from herd.config import get_config
+
+    torch.set_num_threads(threads)
+    c = get_config(config)
+    dtype = {"f16": torch.float16, "bf16": torch.bfloat16}.get(fmt, torch.float32)
+    hf = LlamaForCausalLM(LlamaConfig(
+        hidden_size=c.dim, intermediate_size=c.hidden_dim, num_hidden_layers=c.n_layers,
+        num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads, vocab_size=c.vocab_size,
+        rms_norm_eps=c.norm_eps, max_position_embeddings=c.max_seq_len, tie_word_embeddings=c.tie_embeddings,
+        rope_theta=c.rope_theta, attn_implementation="sdpa")).to(dtype).eval()
+    x = torch.randint(0, c.vocab_size, (1, prompt))
+    best = float("inf")
+    with torch.inference_mode():
+        for _ in range(3):
+            t = time.perf_counter()
+            hf(x, use_cache=True)
+            best = min(best, time.perf_counter() - t)
+
+    class Stamps(BaseStreamer):
+        def __init__(self):
+            self.times: list[float] = []
+
+        def put(self, value):
+            self.times.append(time.perf_counter())
+
+        def end(self):
+            pass
+
+    stamps = Stamps()
+    with torch.inference_mode():
+        hf.generate(x, max_new_tokens=tokens + 1, min_new_tokens=tokens + 1, do_sample=False, streamer=stamps,
+                    pad_token_id=0)
+    new = stamps.times[2:]  # the prompt, then the first token (prefill)
+    return {"prefill": prompt / best, "decode": (len(new) - 1) / (new[-1] - new[0]), "rss": _peak_rss_mb()}
+
+
+def _gguf_vocab(vocab_size: int) -> dict:
+    """A placeholder SentencePiece vocabulary, so that llama.cpp loads a random-weight GGUF."""
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    tokens += [f"t{i}" for i in range(vocab_size - len(tokens))]
+    types = [2, 3, 3] + [6] * 256 + [1] * (vocab_size - 259)
+    return {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": tokens,
+            "tokenizer.ggml.scores": [0.0] * vocab_size, "tokenizer.ggml.token_type": types,
+            "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2, "tokenizer.ggml.unknown_token_id": 0}
+
+
+def _llama_cpp_row(source: str, fmt: str, prompt: int, tokens: int, threads: int, tmp: Path) -> dict:
+    """llama-bench on the same weights, written to GGUF by herd."""
+    from herd.checkpoint import convert
+    from herd.checkpoint.gguf_writer import save_gguf
+
+    out = tmp / f"{fmt}.gguf"
+    if Path(source).exists():
+        convert(source, out, "gguf", gguf_type=GGUF_TYPES[fmt])
+    else:
+        model = random_model(source, "f32")
+        save_gguf(model.config, model.state_dict(), out, GGUF_TYPES[fmt], tokenizer=_gguf_vocab(model.config.vocab_size))
+        del model
+    result = subprocess.run(["llama-bench", "-m", str(out), "-t", str(threads), "-p", str(prompt), "-n", str(tokens),
+                             "-r", "2", "-o", "csv"], capture_output=True, text=True)
+    out.unlink()
+    if result.returncode != 0:
+        raise HerdError(f"llama-bench failed: {(result.stderr.strip().splitlines() or ['?'])[-1]}")
+    rows = list(csv.DictReader(result.stdout.strip().splitlines()))
+    return {("prefill" if int(r["n_prompt"]) else "decode"): float(r["avg_ts"]) for r in rows}
+
+
+def _in_child(fn, *args):
+    """fn(*args) in a fresh process (its own peak RSS, no memory left behind)."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(fn, args)
+
+
+def bench(source: str, formats: list[str], prompt: int = 128, tokens: int = 64, threads: int = 2,
+          transformers: bool = True, llama_cpp: bool = True) -> list[dict]:
+    """One row per (engine, format): engine, format, prefill and decode tok/s, peak RSS (MB), and
+    for herd the bytes streamed per token and decode / the bandwidth bound. `source` is a registered
+    config name (random weights) or a checkpoint path."""
+    from herd.config import get_config
+
+    random = not Path(source).exists()
+    if random:
+        get_config(source)  # a clear error for an unknown name
+    for fmt in formats:
+        if fmt not in FORMATS + ("stored",) or (fmt == "stored" and random):
+            raise HerdError(f"unknown format {fmt!r}; use {', '.join(FORMATS)}" + ("" if random else " or stored"))
+    if prompt < 1 or tokens < 2:
+        raise HerdError("--prompt must be at least 1 and --tokens at least 2")
+    torch.set_num_threads(threads)
+    bw = bandwidth_gbs()
+    rows = []
+    has_llama_cpp = llama_cpp and shutil.which("llama-bench") is not None
+    with tempfile.TemporaryDirectory() as tmp:
+        for fmt in formats:
+            row = _in_child(_herd_row, source, fmt, prompt, tokens, threads)
+            row.update(engine="herd", format=fmt, bound=bw * 1e9 / row["bytes"])
+            rows.append(row)
+            if transformers and random and fmt in ("f32", "f16", "bf16"):
+                rows.append(dict(_in_child(_transformers_row, source, fmt, prompt, tokens, threads),
+                                 engine="transformers", format=fmt))
+            if has_llama_cpp and fmt != "stored":
+                rows.append(dict(_llama_cpp_row(source, fmt, prompt, tokens, threads, Path(tmp)),
+                                 engine="llama.cpp", format=GGUF_TYPES[fmt]))
+    return [dict(r, bandwidth=bw) for r in rows]
+
+
+def report(rows: list[dict]) -> str:
+    """The rows as a table, with decode as a fraction of the bandwidth bound."""
+    lines = [f"memory bandwidth (copy, measured): {rows[0]['bandwidth']:.1f} GB/s",
+             f"{'engine':13s} {'format':7s} {'prefill tok/s':>13s} {'decode tok/s':>12s} {'MB/token':>9s} "
+             f"{'of limit':>8s} {'peak RSS MB':>11s}"]
+    for r in rows:
+        mb = f"{r['bytes'] / 1e6:9.0f}" if "bytes" in r else f"{'':9s}"
+        frac = f"{r['decode'] / r['bound']:8.2f}" if "bound" in r else f"{'':8s}"
+        rss = f"{r['rss']:11.0f}" if "rss" in r else f"{'':11s}"
+        lines.append(f"{r['engine']:13s} {r['format']:7s} {r['prefill']:13.1f} {r['decode']:12.1f} {mb} {frac} {rss}")
+    return "\n".join(lines)
