@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 import pytest
-import torch
+
+import herd  # noqa: F401  (before torch: sets herd's OpenMP wait policy)
+import torch  # noqa: E402
 
 from herd.shared import shared_path
 

@@ -33,7 +33,7 @@ def fp32(reference):
 @pytest.fixture(scope="module")
 def text_ids(reference):
     text = require_shared("corpora", "tinyshakespeare_input.txt").read_text()[:12000]
-    return reference.tokenizer.encode(text, bos=False)[: 2 * WINDOW]
+    return reference.tokenizer.encode(text, bos=False)[:WINDOW]
 
 
 @torch.inference_mode()
@@ -61,13 +61,16 @@ def base_ppl(fp32, text_ids):
 
 @pytest.mark.parametrize("bits, group, tolerance", [(8, None, 0.01), (4, 32, 0.05)])
 def test_perplexity(fp32, text_ids, base_ppl, bits, group, tolerance):
+    """The only SmolLM2 weights here are the Q4_1 GGUF's: asymmetric int4 in groups of 32 is Q4_1's
+    rule, so it reproduces them exactly (measured: the same perplexity); int8 per row is lossy."""
     model = quantize(copy.deepcopy(fp32), bits, group)
     assert sum(isinstance(m, PackedLinear) for m in model.modules()) == 7 * 30 + 1
     ppl = perplexity(model, text_ids)
+    print(f"int{bits} perplexity {ppl:.3f}, unquantized {base_ppl:.3f}")
     assert abs(ppl / base_ppl - 1) < tolerance, (ppl, base_ppl)
 
 
-def test_gguf_kept_quantized(smollm2_gguf, reference, fp32, text_ids, base_ppl):
+def test_gguf_kept_quantized(smollm2_gguf, reference, text_ids, base_ppl):
     """Q8_0 and Q4_1 repacked without dequantization hold exactly the file's values, and the
     decode path (int8 activations in the kernels) costs under 1% perplexity."""
     model, _ = load_gguf_packed(smollm2_gguf)
@@ -77,8 +80,9 @@ def test_gguf_kept_quantized(smollm2_gguf, reference, fp32, text_ids, base_ppl):
             assert torch.equal(module.dequantize(), weights[f"{name}.weight"])
     enable(model)
     assert perplexity(model, text_ids) == pytest.approx(base_ppl, rel=1e-4)
-    first = text_ids[:WINDOW]
-    assert abs(perplexity(model, first, chunk=16) / perplexity(fp32, first) - 1) < 0.01
+    kept = perplexity(model, text_ids, chunk=16)
+    print(f"GGUF Q4_1 kept packed, decode path: perplexity {kept:.3f}, dequantized {base_ppl:.3f}")
+    assert abs(kept / base_ppl - 1) < 0.01
 
 
 def test_int8_greedy_matches(fp32, reference):
