@@ -144,16 +144,9 @@ def router(svc: Service) -> APIRouter:
             echoes = [prompts[k // body.n] if body.echo else "" for k in range(len(requests))]
             return StreamingResponse(_completion_stream(svc, events, first, head, body, n_prompt, echoes),
                                      media_type="text/event-stream")
-        texts = [prompts[k // body.n] if body.echo else "" for k in range(len(requests))]
-        lps: list[list] = [[] for _ in requests]
-        reasons = [None] * len(requests)
-        completion = 0
-        async for i, ev, _ in events:
-            _raise_engine_error(ev)
-            texts[i] += ev.text
-            lps[i] += ev.logprobs or []
-            completion += len(ev.tokens)
-            reasons[i] = ev.finish_reason or reasons[i]
+        texts, lps, reasons, completion = await _collect(events, len(requests))
+        if body.echo:
+            texts = [prompts[k // body.n] + text for k, text in enumerate(texts)]
         if svc.moderator is not None:
             for i in range(len(requests)):
                 prompt = prompts[i // body.n]
@@ -180,6 +173,21 @@ async def _first_or_error(events):
 def _raise_engine_error(ev: Event) -> None:
     if ev.finish_reason == "error":
         raise APIError(500, f"generation failed: {ev.error}")
+
+
+async def _collect(events, n: int):
+    """Run `n` choices to the end: their texts, log-probabilities, finish reasons, and the
+    number of tokens generated in all."""
+    texts, reasons = [""] * n, [None] * n
+    lps: list[list] = [[] for _ in range(n)]
+    completion = 0
+    async for i, ev, _ in events:
+        _raise_engine_error(ev)
+        texts[i] += ev.text
+        lps[i] += ev.logprobs or []
+        completion += len(ev.tokens)
+        reasons[i] = ev.finish_reason or reasons[i]
+    return texts, lps, reasons, completion
 
 
 def _chat_logprobs(svc: Service, lps) -> dict:
@@ -211,15 +219,7 @@ def _tool_message(text: str, tools: list[dict]) -> tuple[dict, bool]:
 
 async def _chat_reply(svc, events, head, body: ChatCompletionRequest, tools, n_prompt, messages) -> dict:
     n = body.n
-    texts, reasons = [""] * n, [None] * n
-    lps: list[list] = [[] for _ in range(n)]
-    completion = 0
-    async for i, ev, _ in events:
-        _raise_engine_error(ev)
-        texts[i] += ev.text
-        lps[i] += ev.logprobs or []
-        completion += len(ev.tokens)
-        reasons[i] = ev.finish_reason or reasons[i]
+    texts, lps, reasons, completion = await _collect(events, n)
     choices = []
     for i in range(n):
         message, called = _tool_message(texts[i], tools)
