@@ -195,6 +195,10 @@ def build_parser() -> Parser:
     p = sub.add_parser("rm", help="remove models from the store", description="Remove models from the store.")
     p.add_argument("names", nargs="+", metavar="NAME")
     p.set_defaults(func=cmd_rm)
+
+    from herd.train.commands import add_commands  # train-tokenizer, prepare-data, pretrain, finetune
+
+    add_commands(sub)
     return parser
 
 

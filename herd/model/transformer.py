@@ -74,10 +74,11 @@ class Attention(nn.Module):
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         gqa = self.n_kv_heads != self.n_heads
-        if cache is None:
+        if cache is not None:
+            k, v = cache.update(self.layer_id, input_pos, k, v, mask.shape[-1])
+        if mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
-            k, v = cache.update(self.layer_id, input_pos, k, v, mask.shape[-1])
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
@@ -135,6 +136,7 @@ class Transformer(nn.Module):
         input_pos: torch.Tensor | None = None,
         cache: KVCache | None = None,
         logits_at: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits [B, T, vocab] for tokens [B, T].
 
@@ -144,6 +146,9 @@ class Transformer(nn.Module):
             attended). Without a cache, attention is plainly causal.
         logits_at: [B] index of the one position per row whose logits are wanted (prefill);
             the result is then [B, 1, vocab].
+        doc_ids: [B, T] document of each token, for training on packed sequences without a
+            cache: a token attends only to earlier tokens of its own document (give input_pos
+            restarting at 0 for each document).
         """
         B, T = tokens.shape
         if input_pos is None:
@@ -158,6 +163,9 @@ class Transformer(nn.Module):
                 raise ValueError(f"position {kv_len - 1} is beyond the KV cache length {cache.max_seq_len}")
             key_pos = torch.arange(kv_len, device=tokens.device)
             mask = (key_pos <= input_pos.unsqueeze(-1)).unsqueeze(1)  # [B, 1, T, kv_len]
+        elif doc_ids is not None:
+            causal = torch.ones(T, T, dtype=torch.bool, device=tokens.device).tril()
+            mask = ((doc_ids.unsqueeze(-1) == doc_ids.unsqueeze(-2)) & causal).unsqueeze(1)  # [B, 1, T, T]
         x = self.tok_embeddings(tokens)
         for layer in self.layers:
             x = layer(x, cos, sin, cache, input_pos, mask)

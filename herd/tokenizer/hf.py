@@ -43,3 +43,6 @@ class HFTokenizer(Tokenizer):
 
     def _decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=False)
+
+    def _model_file(self) -> tuple[str, bytes]:
+        return "tokenizer.json", self._tok.to_str().encode("utf-8")
