@@ -53,13 +53,15 @@ def write(text: str) -> None:
     sys.stdout.flush()
 
 
+def read_stdin(what: str) -> str:
+    if sys.stdin.isatty():
+        raise HerdError(f"no {what}: give it as an argument or on standard input")
+    text = sys.stdin.read()
+    return text.removesuffix("\n")  # the newline echo or a file ends with
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
-    prompt = args.prompt
-    if prompt is None:
-        if sys.stdin.isatty():
-            raise HerdError("no prompt: give one as an argument or on standard input")
-        prompt = sys.stdin.read()
-        prompt = prompt[:-1] if prompt.endswith("\n") else prompt  # the newline echo or a file ends with
+    prompt = args.prompt if args.prompt is not None else read_stdin("prompt")
     options = sampling_options(args)
     from herd.llm import make_params
 
@@ -83,14 +85,17 @@ def cmd_chat(args: argparse.Namespace) -> None:
     make_params(options)
     llm = load_llm(args)
     interactive = sys.stdin.isatty()
+    if interactive:
+        import readline  # noqa: F401  (line editing and history for input())
+
+        print(f"chatting with {llm.name}: /reset starts over, Ctrl-C stops a reply, Ctrl-D quits", file=sys.stderr)
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict] = []
-    if interactive:
-        print(f"chatting with {llm.name}: /reset starts over, Ctrl-D quits", file=sys.stderr)
     while True:
-        if interactive:
-            write(">>> ")
-        line = sys.stdin.readline()
+        try:
+            line = input(">>> ") if interactive else sys.stdin.readline()
+        except EOFError:
+            line = ""
         if not line:
             if interactive:
                 write("\n")
@@ -104,11 +109,91 @@ def cmd_chat(args: argparse.Namespace) -> None:
             continue
         history.append({"role": "user", "content": text})
         reply = []
-        for piece in llm.stream_chat(system + history, **options):
-            reply.append(piece)
-            write(piece)
+        try:
+            for piece in llm.stream_chat(system + history, **options):
+                reply.append(piece)
+                write(piece)
+        except KeyboardInterrupt:
+            if not interactive:
+                raise
+            write(" (stopped)")
         write("\n")
         history.append({"role": "assistant", "content": "".join(reply)})
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from herd.serve import serve
+
+    if args.kv_memory is not None and args.kv_memory <= 0:
+        raise HerdError(f"--kv-memory must be > 0 GiB, got {args.kv_memory}")
+    llm = load_llm(args)
+    serve(llm, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("HERD_API_KEY"),
+          max_batch=args.max_batch, ctx=args.ctx, max_queue=args.max_queue,
+          kv_memory=None if args.kv_memory is None else int(args.kv_memory * 2**30))
+
+
+def cmd_infill(args: argparse.Namespace) -> None:
+    if not args.prefix and not args.suffix:
+        raise HerdError("give the code around the gap with --prefix and/or --suffix")
+    options = sampling_options(args)
+    from herd.llm import make_params
+
+    make_params(options)
+    llm = load_llm(args)
+    for piece in llm.stream_infill(args.prefix, args.suffix, suffix_first=args.suffix_first, **options):
+        write(piece)
+    write("\n")
+
+
+def cmd_guard(args: argparse.Namespace) -> None:
+    from herd.tokenizer.guard import LlamaGuard3
+
+    categories = None
+    if args.categories:
+        import json
+
+        try:
+            with open(args.categories, encoding="utf-8") as f:
+                categories = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise HerdError(f"{args.categories}: cannot read a JSON category list ({e})") from None
+    guard = LlamaGuard3(categories, args.exclude)
+    text = args.text if args.text is not None else read_stdin("text to classify")
+    messages = [{"role": "user", "content": text}]
+    if args.response is not None:
+        messages.append({"role": "assistant", "content": args.response})
+    if args.print_prompt:
+        write(guard.render(messages) + "\n")
+        return
+    verdict = load_llm(args).moderate(messages, guard.categories)
+    if verdict.safe is None:
+        raise HerdError(f"the model gave no verdict ({verdict.error}); is it a Llama Guard 3 model?")
+    write("safe\n" if verdict.safe else "unsafe\n" + ",".join(verdict.categories) + "\n")
+
+
+def cmd_eval_perplexity(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from herd.eval import perplexity
+
+    try:
+        text = Path(args.file).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise HerdError(f"{args.file}: cannot read as UTF-8 text ({e})") from None
+    llm = load_llm(args)
+    ids = llm.tokenizer.encode(text, bos=llm.tokenizer.add_bos)
+    r = perplexity(llm.model, ids, args.context, args.stride, args.batch_size, n_bytes=len(text.encode()))
+    print(f"tokens {r.tokens}  nats/token {r.nats_per_token:.4f}  perplexity {r.perplexity:.4f}  "
+          f"bits/byte {r.bits_per_byte:.4f}")
+
+
+def cmd_eval_choice(args: argparse.Namespace) -> None:
+    from herd.eval import multiple_choice, read_items
+
+    items = read_items(args.file)
+    llm = load_llm(args)
+    r = multiple_choice(llm.model, llm.tokenizer, items, args.batch_size)
+    print(f"items {r.n}  acc {r.acc:.4f}  acc_norm {r.acc_norm:.4f}")
 
 
 def cmd_info(args: argparse.Namespace) -> None:
@@ -170,6 +255,60 @@ def build_parser() -> Parser:
     add_model_args(p)
     add_sampling_args(p, temperature=0.7)
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("serve", help="OpenAI- and Ollama-compatible server with a web chat", description=(
+        "Serve a model over HTTP: the OpenAI API (/v1/...), the Ollama API (/api/...), /health, /metrics "
+        "and a web chat at /. Requests are batched continuously."))
+    add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="default: 8000")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (also $HERD_API_KEY)")
+    p.add_argument("--max-batch", type=int, default=8, help="requests decoded together (default: 8)")
+    p.add_argument("--ctx", type=int, help="context per request in tokens (default: the model's, at most 4096)")
+    p.add_argument("--kv-memory", type=float, help="KV cache budget in GiB; fewer slots than --max-batch if needed")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 429 (default: 64)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("infill", help="fill the gap between a prefix and a suffix (Code Llama)", description=(
+        "Write the code that goes between --prefix and --suffix, with a Code Llama model's infilling format."))
+    p.add_argument("--prefix", default="", help="the code before the gap")
+    p.add_argument("--suffix", default="", help="the code after the gap")
+    p.add_argument("--suffix-first", action="store_true", help="the suffix-prefix-middle ordering")
+    add_model_args(p)
+    add_sampling_args(p, temperature=0.0)
+    p.set_defaults(func=cmd_infill)
+
+    p = sub.add_parser("guard", help="classify a message as safe or unsafe (Llama Guard 3)", description=(
+        "Ask a Llama Guard 3 model whether TEXT (a user message), or --response (the assistant's answer to it), "
+        "is safe. Prints 'safe', or 'unsafe' and a line of violated category codes (S1-S14)."))
+    p.add_argument("text", nargs="?", help="the user message (default: read standard input)")
+    p.add_argument("--response", help="classify this assistant answer to TEXT instead of TEXT itself")
+    p.add_argument("--categories", metavar="FILE", help='JSON: {"S1": "Name.", ...} or ["Name.", ...] (default: MLCommons S1-S14)')
+    p.add_argument("--exclude", action="append", default=[], metavar="CODE", help="leave a category out (repeatable)")
+    p.add_argument("--print-prompt", action="store_true", help="print the prompt instead of running a model")
+    add_model_args(p)
+    p.set_defaults(func=cmd_guard)
+
+    p = sub.add_parser("eval", help="perplexity and multiple-choice accuracy", description=(
+        "Evaluate a model. For any lm-evaluation-harness task, use `herd-lm-eval --model herd "
+        "--model_args pretrained=PATH --tasks TASK`."))
+    kinds = p.add_subparsers(dest="kind", required=True, parser_class=Parser, metavar="KIND")
+    q = kinds.add_parser("perplexity", help="perplexity of a text file, with a sliding window", description=(
+        "Perplexity of a UTF-8 text file: every token is predicted once from up to --context tokens before it, "
+        "windows --stride tokens apart."))
+    q.add_argument("file")
+    q.add_argument("--context", type=int, help="window length in tokens (default: the model's context)")
+    q.add_argument("--stride", type=int, help="tokens between window starts (default: half the context)")
+    q.add_argument("--batch-size", type=int, default=8)
+    add_model_args(q)
+    q.set_defaults(func=cmd_eval_perplexity)
+    q = kinds.add_parser("choice", help="multiple-choice accuracy of a JSONL file", description=(
+        'Accuracy on a JSONL file of {"question": ..., "choices": [...], "answer": index}, picking the choice '
+        "of highest log-likelihood (acc) and per character (acc_norm)."))
+    q.add_argument("file")
+    q.add_argument("--batch-size", type=int, default=8)
+    add_model_args(q)
+    q.set_defaults(func=cmd_eval_choice)
 
     p = sub.add_parser("info", help="show a model's config, size and memory",
                        description="Print a config (a registered name or a checkpoint path), its parameter count and memory per dtype.")

@@ -24,6 +24,29 @@ class RopeScaling:
     original_max_position: int = 8192
 
 
+@dataclass(frozen=True)
+class MoE:
+    """Llama 4's mixture of experts: a sigmoid router sends each token to its `top_k` experts
+    (scaling the token by its score on the way in), and a shared expert of the same width sees
+    every token. Every `layer_step`-th layer has one (1: all layers; Maverick: 2); the others
+    keep a dense feed-forward of `ModelConfig.hidden_dim`."""
+
+    n_experts: int
+    hidden_dim: int  # width of each expert and of the shared expert
+    top_k: int = 1
+    layer_step: int = 1
+
+
+@dataclass(frozen=True)
+class AttnTemperature:
+    """Llama 4's attention temperature tuning on the layers without rotary embeddings: queries
+    are scaled by 1 + attn_scale * log(1 + floor((position + 1) / floor_scale)), so attention
+    stays sharp over long contexts."""
+
+    floor_scale: float = 8192.0
+    attn_scale: float = 0.1
+
+
 @dataclass
 class ModelConfig:
     dim: int
@@ -39,12 +62,22 @@ class ModelConfig:
     max_seq_len: int = 2048
     name: str = ""
     family: str = ""  # "llama2", "llama3", "codellama", ... : picks tokenizer/chat defaults
+    # Llama 4 (all off for Llama 1-3):
+    moe: MoE | None = None
+    nope_layer_step: int = 0  # every n-th layer (n, 2n, ...) has no rotary embedding; 0: none
+    attention_chunk_size: int | None = None  # rotary layers attend only within chunks of this many positions
+    qk_norm: bool = False  # L2-normalise queries and keys (after rotary) on rotary layers
+    attn_temperature: AttnTemperature | None = None
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if isinstance(self.rope_scaling, dict):
             self.rope_scaling = RopeScaling(**self.rope_scaling)
+        if isinstance(self.moe, dict):
+            self.moe = MoE(**self.moe)
+        if isinstance(self.attn_temperature, dict):
+            self.attn_temperature = AttnTemperature(**self.attn_temperature)
         problems = []
         for name in ("dim", "n_layers", "n_heads", "vocab_size", "hidden_dim", "n_kv_heads", "max_seq_len"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
@@ -56,6 +89,16 @@ class ModelConfig:
                 problems.append(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
             elif self.head_dim % 2:
                 problems.append(f"head_dim {self.head_dim} must be even for rotary embeddings")
+        m = self.moe
+        if m is not None and not (isinstance(m.n_experts, int) and isinstance(m.top_k, int) and 1 <= m.top_k <= m.n_experts
+                                  and isinstance(m.hidden_dim, int) and m.hidden_dim > 0
+                                  and isinstance(m.layer_step, int) and m.layer_step >= 1):
+            problems.append(f"moe needs 1 <= top_k <= n_experts and positive hidden_dim and layer_step, got {m}")
+        if not isinstance(self.nope_layer_step, int) or self.nope_layer_step < 0:
+            problems.append(f"nope_layer_step must be an integer >= 0, got {self.nope_layer_step!r}")
+        if self.attention_chunk_size is not None and (
+                not isinstance(self.attention_chunk_size, int) or self.attention_chunk_size <= 0):
+            problems.append(f"attention_chunk_size must be a positive integer, got {self.attention_chunk_size!r}")
         if problems:
             raise HerdError(f"invalid model config {self.name or ''}: " + "; ".join(problems))
 
@@ -63,12 +106,27 @@ class ModelConfig:
     def head_dim(self) -> int:
         return self.dim // self.n_heads
 
-    def num_params(self) -> int:
-        d, hd, f = self.dim, self.head_dim, self.hidden_dim
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.moe is not None and (layer + 1) % self.moe.layer_step == 0
+
+    def uses_rope(self, layer: int) -> bool:
+        return not self.nope_layer_step or (layer + 1) % self.nope_layer_step != 0
+
+    def num_params(self, active: bool = False) -> int:
+        """Parameter count; active=True counts only the experts one token goes through."""
+        d, hd = self.dim, self.head_dim
         attention = d * self.n_heads * hd * 2 + d * self.n_kv_heads * hd * 2
-        layer = attention + 3 * d * f + 2 * d
+        total = 0
+        for i in range(self.n_layers):
+            if self.is_moe_layer(i):
+                m = self.moe
+                experts = m.top_k if active else m.n_experts
+                ffn = 3 * d * m.hidden_dim * (experts + 1) + d * m.n_experts  # experts, shared expert, router
+            else:
+                ffn = 3 * d * self.hidden_dim
+            total += attention + ffn + 2 * d
         embed = self.vocab_size * d
-        return embed + self.n_layers * layer + d + (0 if self.tie_embeddings else embed)
+        return total + embed + d + (0 if self.tie_embeddings else embed)
 
     def kv_cache_bytes(self, seq_len: int, bytes_per_value: int) -> int:
         """Memory of the KV cache for one sequence of `seq_len` tokens."""
@@ -83,6 +141,15 @@ class ModelConfig:
 
 def _llama3_rope(factor: float) -> RopeScaling:
     return RopeScaling(factor=factor, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position=8192)
+
+
+def _llama4(n_experts: int, layer_step: int, **kw) -> ModelConfig:
+    """Llama 4 Scout/Maverick text models: 17B active parameters, one routed expert per token,
+    rotary on three layers in four (chunked local attention, 8192 positions) and global NoPE
+    attention on every fourth."""
+    return ModelConfig(5120, 48, 40, 202048, 16384, n_kv_heads=8, rope_theta=5e5,
+                       moe=MoE(n_experts=n_experts, hidden_dim=8192, layer_step=layer_step), nope_layer_step=4,
+                       attention_chunk_size=8192, attn_temperature=AttnTemperature(), family="llama4", **kw)
 
 
 def _registry() -> dict[str, ModelConfig]:
@@ -122,6 +189,12 @@ def _registry() -> dict[str, ModelConfig]:
           max_seq_len=131072, name="llama-3.2-3b", family="llama3"),
         c(8192, 80, 64, v3, 28672, n_kv_heads=8, rope_theta=5e5, rope_scaling=l31, max_seq_len=131072,
           name="llama-3.3-70b", family="llama3"),
+        # Llama 4: mixture of experts. Scout: 16 experts in every layer, QK norm, 10M context by
+        # scaled rope; Maverick: 128 experts in every other layer, 1M context.
+        _llama4(16, 1, qk_norm=True, max_seq_len=10485760, name="llama-4-scout-17b-16e",
+                rope_scaling=RopeScaling(factor=16.0, low_freq_factor=1.0, high_freq_factor=1.0,
+                                         original_max_position=8192)),
+        _llama4(128, 2, max_seq_len=1048576, name="llama-4-maverick-17b-128e"),
         # Community models with the Llama architecture
         c(2048, 22, 32, v2, 5632, n_kv_heads=4, max_seq_len=2048, name="tinyllama-1.1b", family="llama2"),
         c(576, 30, 9, 49152, 1536, n_kv_heads=3, rope_theta=1e5, tie_embeddings=True, max_seq_len=8192,

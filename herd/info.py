@@ -12,7 +12,7 @@ BYTES_PER_PARAM = {"float32": 4.0, "bfloat16/float16": 2.0, "int8 (per channel)"
 
 def describe(model: str) -> str:
     if model == "list":
-        return "\n".join(f"{name:16s} {_billions(cfg.num_params())}" for name, cfg in CONFIGS.items())
+        return "\n".join(f"{name:26s} {_billions(cfg.num_params())}" for name, cfg in CONFIGS.items())
     if Path(model).exists():
         from herd.checkpoint import load_checkpoint
 
@@ -25,6 +25,8 @@ def describe(model: str) -> str:
 def format_config(cfg: ModelConfig) -> str:
     n = cfg.num_params()
     lines = [f"{cfg.name or 'model'}: {_billions(n)} parameters ({n:,})"]
+    if cfg.moe is not None:
+        lines[0] += f", {_billions(cfg.num_params(active=True))} active per token"
     for key, value in cfg.to_dict().items():
         if key != "name":
             lines.append(f"  {key:16s} {value}")

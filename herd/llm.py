@@ -12,7 +12,9 @@ from herd.config import ModelConfig
 from herd.errors import HerdError
 from herd.generate import SamplingParams, Sequence, run_batch
 from herd.model import Transformer
-from herd.tokenizer import ChatFormat, Tokenizer
+from herd.tokenizer import ChatFormat, ChatReply, Tokenizer, parse_tool_calls
+from herd.tokenizer.guard import GuardVerdict, LlamaGuard3, parse_guard
+from herd.tokenizer.infill import infill_ids, infill_stop_ids
 
 _PARAM_NAMES = {f.name for f in dataclasses.fields(SamplingParams)}
 
@@ -42,8 +44,12 @@ class LLM:
             raise HerdError("the prompt is empty and this tokenizer has no BOS token to start from")
         return ids
 
-    def encode_chat(self, messages: list[dict]) -> list[int]:
-        return self._chat_format().encode(self.tokenizer, messages, add_generation_prompt=True)
+    def encode_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        return self._chat_format().encode(self.tokenizer, messages, add_generation_prompt=True, tools=tools)
+
+    def chat_stop_ids(self) -> set[int]:
+        """Every token that ends an assistant reply."""
+        return self.eos_ids | self._chat_format().stop_ids(self.tokenizer)
 
     def sequences(self, prompts: list[list[int]], params: SamplingParams, stop_ids: set[int]) -> list[Sequence]:
         """Sequences ready for `run_batch`; a prompt that leaves no room in the context is an error,
@@ -69,13 +75,47 @@ class LLM:
         """Text pieces of the completion of `prompt` as they are generated."""
         yield from self._stream(self.encode(prompt), options, self.eos_ids)
 
-    def chat(self, messages: list[dict], **options) -> str:
-        """The assistant's reply to an OpenAI-style list of {"role", "content"} messages."""
-        return "".join(self.stream_chat(messages, **options))
+    def chat(self, messages: list[dict], tools: list[dict] | None = None, **options) -> str | ChatReply:
+        """The assistant's reply to an OpenAI-style list of {"role", "content"} messages.
 
-    def stream_chat(self, messages: list[dict], **options) -> Iterator[str]:
-        fmt = self._chat_format()
-        yield from self._stream(self.encode_chat(messages), options, self.eos_ids | fmt.stop_ids(self.tokenizer))
+        With `tools` (OpenAI-shaped), a ChatReply: `.content`, `.tool_calls` parsed from the
+        reply ([] when it is plain text), `.error` when it looked like a call but was malformed,
+        and `.to_message()` to append it to the conversation."""
+        if tools is None:
+            return "".join(self.stream_chat(messages, **options))
+        (seq,) = self._run([self.encode_chat(messages, tools)], options, self.chat_stop_ids())
+        reply = parse_tool_calls(seq.text)
+        reply.finish_reason = reply.finish_reason or seq.finish_reason
+        return reply
+
+    def stream_chat(self, messages: list[dict], tools: list[dict] | None = None, **options) -> Iterator[str]:
+        """Text pieces of the reply; with tools, feed the joined text to `parse_tool_calls`."""
+        yield from self._stream(self.encode_chat(messages, tools), options, self.chat_stop_ids())
+
+    def encode_infill(self, prefix: str, suffix: str, suffix_first: bool = False) -> list[int]:
+        """Code Llama's infilling prompt: the model writes what goes between prefix and suffix."""
+        return infill_ids(self.tokenizer, prefix, suffix, suffix_first)
+
+    def infill_stop_ids(self) -> set[int]:
+        return self.eos_ids | infill_stop_ids(self.tokenizer)
+
+    def infill(self, prefix: str, suffix: str, suffix_first: bool = False, **options) -> str:
+        """The middle a Code Llama model writes between `prefix` and `suffix` (ends at <EOT>)."""
+        return "".join(self.stream_infill(prefix, suffix, suffix_first, **options))
+
+    def stream_infill(self, prefix: str, suffix: str, suffix_first: bool = False, **options) -> Iterator[str]:
+        yield from self._stream(self.encode_infill(prefix, suffix, suffix_first), options, self.infill_stop_ids())
+
+    def moderate(self, conversation: str | list[dict], categories: dict[str, str] | list[str] | None = None,
+                 excluded: list[str] = (), max_tokens: int = 20) -> GuardVerdict:
+        """Llama Guard 3's verdict on the last turn of `conversation` (a user message as a str, or
+        user/assistant messages); this LLM must be a Llama Guard model. Greedy, as Meta runs it."""
+        guard = LlamaGuard3(categories, excluded)
+        messages = [{"role": "user", "content": conversation}] if isinstance(conversation, str) else conversation
+        ids = guard.encode(self.tokenizer, messages)
+        (seq,) = self._run([ids], {"max_tokens": max_tokens, "temperature": 0.0},
+                           self.eos_ids | guard.stop_ids(self.tokenizer))
+        return parse_guard(seq.text, guard.categories)
 
     def _chat_format(self) -> ChatFormat:
         if self.chat_format is None:

@@ -73,3 +73,11 @@ def smollm2_gguf(herd_home, shared_wheels):
     from herd.store import pull
 
     return pull("smollm2-135m-instruct", find_links=shared_wheels, quiet=True)
+
+
+@pytest.fixture(scope="session")
+def smollm2_llm(smollm2_gguf):
+    """The real SmolLM2-135M-Instruct, loaded once per test session."""
+    import herd
+
+    return herd.load(smollm2_gguf)

@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 
 
@@ -15,3 +16,12 @@ def spread_init(model: torch.nn.Module) -> torch.nn.Module:
         else:
             p.uniform_(0.5, 1.5)
     return model
+
+
+def reference_render(template: str, messages, add_generation_prompt: bool, **context) -> str:
+    """transformers' renderer: the independent reference for template output."""
+    chat_template_utils = pytest.importorskip("transformers.utils.chat_template_utils")
+    rendered, _ = chat_template_utils.render_jinja_template(
+        conversations=[messages], chat_template=template, add_generation_prompt=add_generation_prompt, **context
+    )
+    return rendered[0]

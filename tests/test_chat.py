@@ -8,8 +8,9 @@ from datetime import datetime
 
 import pytest
 
+from helpers import reference_render
 from herd.errors import HerdError
-from herd.tokenizer import JinjaChat, Llama2Chat, Llama3Chat, chat_format_for
+from herd.tokenizer import JinjaChat, Llama2Chat, Llama3Chat, Llama4Chat, chat_format_for
 
 BOS3 = "<|begin_of_text|>"
 
@@ -25,15 +26,6 @@ CONVERSATIONS = [
     [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hey"}],
     [{"role": "user", "content": "Ünïcödé 🦙 and \"quotes\" & <tags>"}, {"role": "system", "content": "late"}],
 ]
-
-
-def reference_render(template: str, messages, add_generation_prompt: bool, **context) -> str:
-    """transformers' renderer: the independent reference for template output."""
-    chat_template_utils = pytest.importorskip("transformers.utils.chat_template_utils")
-    rendered, _ = chat_template_utils.render_jinja_template(
-        conversations=[messages], chat_template=template, add_generation_prompt=add_generation_prompt, **context
-    )
-    return rendered[0]
 
 
 OFFICIAL = ["meta-llama-Llama-3.1-8B-Instruct", "meta-llama-Llama-3.2-3B-Instruct", "meta-llama-Llama-3.3-70B-Instruct"]
@@ -169,12 +161,23 @@ def test_chat_format_for(llama2, llama3, llama3_hf, llama4):
     assert isinstance(chat_format_for(llama2), Llama2Chat)
     assert isinstance(chat_format_for(llama3, family="llama3"), Llama3Chat)
     assert isinstance(chat_format_for(llama2, family="codellama"), Llama2Chat)
+    assert isinstance(chat_format_for(llama4), Llama4Chat)  # told by <|header_start|>
     with pytest.raises(HerdError, match="no chat format"):
-        chat_format_for(llama4)
+        chat_format_for(_bare_hf_tokenizer())
     hf_chat = chat_format_for(llama3_hf)
     messages = CONVERSATIONS[2]
     assert hf_chat.render(messages) == Llama3Chat(dated=False).render(messages)
     assert hf_chat.encode(llama3_hf, messages) == Llama3Chat(dated=False).encode(llama3_hf, messages)
+
+
+def _bare_hf_tokenizer():
+    """A vocabulary with no chat template and no known chat markup."""
+    import tokenizers
+
+    from herd.tokenizer import HFTokenizer
+
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({"a": 0, "b": 1, "[UNK]": 2}, unk_token="[UNK]"))
+    return HFTokenizer(tok, None, None)
 
 
 def test_jinja_errors_are_one_line():

@@ -69,6 +69,12 @@ def check_state_dict(path: Path, cfg: ModelConfig, state_dict: dict[str, torch.T
                             f"the config needs {list(shape)}")
 
 
+def check_writable(out: Path, cfg: ModelConfig) -> None:
+    """The writers lay out Llama 1-3 checkpoints only."""
+    if cfg.moe or cfg.nope_layer_step or cfg.attention_chunk_size or cfg.qk_norm or cfg.attn_temperature:
+        raise HerdError(f"{out}: writing Llama 4 (mixture-of-experts) checkpoints is not supported")
+
+
 def tie_if_equal(cfg: ModelConfig, state_dict: dict[str, torch.Tensor]) -> ModelConfig:
     """Formats with no tie flag (Meta's, GGUF) store a tied classifier as a copy of the embedding;
     recognise the copy and drop it, so the model shares one tensor as it was trained to."""

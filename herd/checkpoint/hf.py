@@ -16,8 +16,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from herd.checkpoint.base import (Checkpoint, check_state_dict, directory_extras, make_config, read_json,
-                                  with_family)
+from herd.checkpoint.base import (Checkpoint, check_state_dict, check_writable, directory_extras, make_config,
+                                  read_json, with_family)
 from herd.config import ModelConfig, RopeScaling
 from herd.errors import HerdError
 
@@ -81,27 +81,12 @@ def config_from_hf(path: Path, hf: dict) -> ModelConfig:
     if missing:
         raise HerdError(f"{path}: config.json lacks {', '.join(missing)}")
 
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    if not isinstance(rope, dict):
-        raise HerdError(f"{path}: rope parameters must be a JSON object, got {rope!r}")
-    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
     max_pos = hf.get("max_position_embeddings", 2048)
-    kind = rope.get("rope_type", rope.get("type", "default"))
-    scaling = None
-    if kind == "llama3":
-        try:
-            scaling = RopeScaling(factor=float(rope["factor"]), low_freq_factor=float(rope["low_freq_factor"]),
-                                  high_freq_factor=float(rope["high_freq_factor"]),
-                                  original_max_position=int(rope.get("original_max_position_embeddings", max_pos)))
-        except (KeyError, TypeError, ValueError) as e:
-            raise HerdError(f"{path}: llama3 rope scaling is incomplete or invalid ({e!r})") from None
-    elif kind != "default":
-        raise HerdError(f"{path}: rope type {kind!r} is not supported (only default and llama3)")
-
+    theta, scaling = rope_from_hf(path, hf, max_pos)
     try:
-        norm_eps, theta = float(hf.get("rms_norm_eps", 1e-6)), float(theta)
+        norm_eps = float(hf.get("rms_norm_eps", 1e-6))
     except (TypeError, ValueError):
-        raise HerdError(f"{path}: rms_norm_eps and rope_theta must be numbers") from None
+        raise HerdError(f"{path}: rms_norm_eps must be a number") from None
     cfg = make_config(
         path,
         dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=hf["num_attention_heads"],
@@ -117,7 +102,30 @@ def config_from_hf(path: Path, hf: dict) -> ModelConfig:
     return with_family(cfg)
 
 
-def _weight_files(path: Path) -> list[Path]:
+def rope_from_hf(path: Path, hf: dict, max_pos: int) -> tuple[float, RopeScaling | None]:
+    """(rope theta, llama3 scaling or None) from transformers 4.x or 5.x config fields."""
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    if not isinstance(rope, dict):
+        raise HerdError(f"{path}: rope parameters must be a JSON object, got {rope!r}")
+    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    scaling = None
+    if kind == "llama3":
+        try:
+            scaling = RopeScaling(factor=float(rope["factor"]), low_freq_factor=float(rope["low_freq_factor"]),
+                                  high_freq_factor=float(rope["high_freq_factor"]),
+                                  original_max_position=int(rope.get("original_max_position_embeddings", max_pos)))
+        except (KeyError, TypeError, ValueError) as e:
+            raise HerdError(f"{path}: llama3 rope scaling is incomplete or invalid ({e!r})") from None
+    elif kind != "default":
+        raise HerdError(f"{path}: rope type {kind!r} is not supported (only default and llama3)")
+    try:
+        return float(theta), scaling
+    except (TypeError, ValueError):
+        raise HerdError(f"{path}: rope_theta must be a number") from None
+
+
+def weight_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.exists():
         weight_map = read_json(index).get("weight_map")
@@ -132,10 +140,15 @@ def _weight_files(path: Path) -> list[Path]:
 
 
 def load_hf(path: Path, dtype: torch.dtype | None = None, tokenizer: bool = True) -> Checkpoint:
-    cfg = config_from_hf(path, read_json(path / "config.json"))
+    hf = read_json(path / "config.json")
+    if hf.get("model_type") in ("llama4", "llama4_text"):
+        from herd.checkpoint.hf_llama4 import load_hf_llama4
+
+        return load_hf_llama4(path, hf, dtype, tokenizer)
+    cfg = config_from_hf(path, hf)
     names = hf_names(cfg.n_layers)
     state_dict: dict[str, torch.Tensor] = {}
-    for file in _weight_files(path):
+    for file in weight_files(path):
         try:
             with safe_open(file, framework="pt") as f:
                 for hf_name in f.keys():
@@ -199,6 +212,7 @@ def save_hf(config: ModelConfig, state_dict: dict[str, torch.Tensor], out_dir: s
     of at most `max_shard_bytes` (plus an index) when the weights are larger than that.
     A tied model's output.weight, if present, is not written (transformers re-ties it)."""
     out = Path(out_dir)
+    check_writable(out, config)
     sd = {k: v for k, v in state_dict.items() if not (config.tie_embeddings and k == "output.weight")}
     check_state_dict(out, config, sd)
     order = [(hf, ours) for hf, ours in hf_names(config.n_layers).items() if ours in sd]

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from herd.checkpoint.base import (Checkpoint, check_state_dict, directory_extras, expected_shapes, make_config,
-                                  read_json, registered_match, tie_if_equal)
+from herd.checkpoint.base import (Checkpoint, check_state_dict, check_writable, directory_extras, expected_shapes,
+                                  make_config, read_json, registered_match, tie_if_equal)
 from herd.config import ModelConfig, RopeScaling
 from herd.errors import HerdError
 
@@ -174,6 +174,7 @@ def save_meta(config: ModelConfig, state_dict: dict[str, torch.Tensor], out_dir:
     Meta's model always has a classifier, so a tied model stores output.weight as the embedding
     itself (torch.save writes the shared tensor once)."""
     out = Path(out_dir)
+    check_writable(out, config)
     sd = dict(state_dict)
     if config.tie_embeddings and "tok_embeddings.weight" in sd:
         sd["output.weight"] = sd["tok_embeddings.weight"]

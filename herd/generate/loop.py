@@ -40,7 +40,7 @@ def run_batch(model: Transformer, seqs: list[Sequence], prefill_chunk: int = 512
         events = []
         for i, s in enumerate(seqs):
             if not s.finished:
-                events.append((i, s.append(s.sampler(logits[i]))))
+                events.append((i, s.append(s.next_token(logits[i]))))
         yield events
         if all(s.finished for s in seqs):
             return

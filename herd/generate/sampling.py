@@ -25,12 +25,15 @@ class SamplingParams:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)  # stop strings, never part of the output
     stop_token_ids: list[int] = field(default_factory=list)  # in addition to the model's end tokens
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    json_schema: dict | None = None  # output constrained to JSON matching this schema
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
+        self.logit_bias = dict(self.logit_bias or {})
         checks = [
             (isinstance(self.max_tokens, int) and self.max_tokens >= 1, f"max_tokens must be a positive integer, got {self.max_tokens!r}"),
             (_finite(self.temperature) and self.temperature >= 0, f"temperature must be >= 0, got {self.temperature!r}"),
@@ -46,6 +49,9 @@ class SamplingParams:
             (self.seed is None or isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}"),
             (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
             (all(isinstance(t, int) for t in self.stop_token_ids), "stop_token_ids must be integers"),
+            (all(isinstance(t, int) and t >= 0 and _finite(b) and -100 <= b <= 100 for t, b in self.logit_bias.items()),
+             "logit_bias must map token ids >= 0 to biases in [-100, 100]"),
+            (self.json_schema is None or isinstance(self.json_schema, dict), "json_schema must be a dict"),
         ]
         for ok, message in checks:
             if not ok:
@@ -71,11 +77,19 @@ class Sampler:
         self.counts = None
         if params.presence_penalty or params.frequency_penalty:
             self.counts = torch.zeros(vocab_size)
+        self.bias = None
+        if params.logit_bias:
+            if max(params.logit_bias) >= vocab_size:
+                raise HerdError(f"logit_bias: token id {max(params.logit_bias)} is outside the vocabulary of {vocab_size}")
+            self.bias = torch.zeros(vocab_size)
+            self.bias[list(params.logit_bias)] = torch.tensor(list(params.logit_bias.values()), dtype=torch.float32)
 
     def __call__(self, logits: torch.Tensor) -> int:
         """Next token for logits [vocab] (any device/dtype)."""
         p = self.params
         logits = logits.float().cpu()
+        if self.bias is not None:
+            logits = logits + self.bias
         if self.seen is not None:
             penalised = torch.where(logits > 0, logits / p.repetition_penalty, logits * p.repetition_penalty)
             logits = torch.where(self.seen, penalised, logits)
@@ -83,7 +97,9 @@ class Sampler:
             logits = logits - p.frequency_penalty * self.counts - p.presence_penalty * (self.counts > 0)
         if p.temperature == 0:
             return int(logits.argmax())
-        logits = logits / p.temperature
+        # In float64 and shifted so that the largest is 0: a tiny temperature then sends the
+        # others to -inf instead of overflowing (or rounding the temperature to 0 in float32).
+        logits = (logits.double() - logits.max()) / p.temperature
         if p.top_k and p.top_k < logits.numel():
             kth = torch.topk(logits, p.top_k).values[-1]
             logits = logits.masked_fill(logits < kth, -math.inf)

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import torch
+
+from herd.generate.constrained import JsonConstraint
 from herd.generate.sampling import Sampler, SamplingParams
 from herd.generate.stopping import StopStrings
+from herd.errors import HerdError
 from herd.tokenizer import StreamDecoder, Tokenizer
 
 
@@ -27,10 +31,21 @@ class Sequence:
         self.output_ids: list[int] = []
         self.text = ""
         self.finish_reason: str | None = None  # "stop" | "length"
+        self.constraint = None
+        if params.json_schema is not None:
+            if tokenizer is None:
+                raise HerdError("json_schema needs a tokenizer")
+            self.constraint = JsonConstraint(tokenizer, params.json_schema)
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    def next_token(self, logits: torch.Tensor) -> int:
+        """Sample the next token from logits [vocab], within the constraint if there is one."""
+        if self.constraint is not None:
+            logits = logits.float().masked_fill(~self.constraint.allowed(logits.shape[-1]), -torch.inf)
+        return self.sampler(logits)
 
     def append(self, token: int) -> str:
         """Take the next token; return the text it makes final (may be empty)."""
@@ -39,6 +54,8 @@ class Sequence:
             return self._emit(self._flush())
         self.output_ids.append(token)
         self.sampler.update(token)
+        if self.constraint is not None:
+            self.constraint.accept(token)
         text, hit = self.stops.feed(self.decoder.push(token) if self.decoder else "")
         if hit:
             self.finish_reason = "stop"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -37,3 +38,11 @@ class KVCache(nn.Module):
         k_cache[rows, :, input_pos] = k.transpose(1, 2).to(k_cache.dtype)
         v_cache[rows, :, input_pos] = v.transpose(1, 2).to(v_cache.dtype)
         return k_cache[:, :, :kv_len], v_cache[:, :, :kv_len]
+
+    def attend(self, layer: int, input_pos: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               mask: torch.Tensor) -> torch.Tensor:
+        """Store k, v and attend q [B, heads, T, D] over this layer's cache under `mask`
+        [B, 1, T, kv_len]. A subclass may attend differently (the serving engine attends row by
+        row so that a row's result does not depend on its neighbours)."""
+        k, v = self.update(layer, input_pos, k, v, mask.shape[-1])
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])

@@ -1,6 +1,8 @@
 """The Llama decoder-only transformer: RMSNorm, rotary embeddings, grouped-query attention,
-SwiGLU feed-forward. One module covers Llama 1/2/3/3.x, Code Llama and the Llama-shaped
-community models; the differences live in `ModelConfig`.
+SwiGLU feed-forward. One module covers Llama 1/2/3/3.x/4, Code Llama and the Llama-shaped
+community models; the differences live in `ModelConfig`. Llama 4 adds, per layer: a
+mixture-of-experts feed-forward (moe.py), no rotary embedding on every fourth layer (with
+attention temperature tuning there), chunked local attention and QK L2 norm on the others.
 
 Parameter names follow Meta's reference code (`tok_embeddings`, `layers.N.attention.wq`, ...),
 and rotary embeddings rotate interleaved pairs as Meta's, llama2.c and GGUF files do; the
@@ -17,6 +19,7 @@ from torch import nn
 
 from herd.config import ModelConfig, RopeScaling
 from herd.model.kv_cache import KVCache
+from herd.model.moe import MoE
 
 
 class RMSNorm(nn.Module):
@@ -57,6 +60,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out.flatten(-2).type_as(x)
 
 
+def l2_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMS normalisation without a weight (Llama 4's QK norm)."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int):
         super().__init__()
@@ -66,17 +75,30 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.rope = cfg.uses_rope(layer_id)
+        self.chunked = self.rope and cfg.attention_chunk_size is not None  # NoPE layers attend globally
+        self.qk_norm_eps = cfg.norm_eps if cfg.qk_norm and self.rope else None
+        self.temperature = None if self.rope else cfg.attn_temperature
 
     def forward(self, x, cos, sin, cache: KVCache | None, input_pos, mask) -> torch.Tensor:
+        """mask: None for plain causal attention without a cache, else [B, 1, T, keys] (True: attend)."""
         B, T, _ = x.shape
-        q = apply_rope(self.wq(x).view(B, T, self.n_heads, self.head_dim), cos, sin)
-        k = apply_rope(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin)
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        if self.rope:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.qk_norm_eps is not None:
+            q, k = l2_norm(q, self.qk_norm_eps), l2_norm(k, self.qk_norm_eps)
+        if self.temperature is not None:
+            t = self.temperature
+            scale = torch.log1p(torch.floor((input_pos.float() + 1) / t.floor_scale)) * t.attn_scale + 1
+            q = (q * scale[..., None, None]).to(q.dtype)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         gqa = self.n_kv_heads != self.n_heads
         if cache is not None:
-            k, v = cache.update(self.layer_id, input_pos, k, v, mask.shape[-1])
-        if mask is None:
+            out = cache.attend(self.layer_id, input_pos, q, k, v, mask)
+        elif mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
@@ -102,7 +124,10 @@ class Block(nn.Module):
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attention = Attention(cfg, layer_id)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.feed_forward = FeedForward(cfg.dim, cfg.hidden_dim)
+        if cfg.is_moe_layer(layer_id):
+            self.feed_forward = MoE(cfg.dim, cfg.moe, shared_expert=FeedForward(cfg.dim, cfg.moe.hidden_dim))
+        else:
+            self.feed_forward = FeedForward(cfg.dim, cfg.hidden_dim)
 
     def forward(self, x, cos, sin, cache, input_pos, mask) -> torch.Tensor:
         h = x + self.attention(self.attention_norm(x), cos, sin, cache, input_pos, mask)
@@ -156,7 +181,8 @@ class Transformer(nn.Module):
         input_pos = input_pos.expand(B, T)
         angles = input_pos.unsqueeze(-1).float() * self.inv_freq  # [B, T, D/2]
         cos, sin = angles.cos().unsqueeze(2), angles.sin().unsqueeze(2)
-        mask = None
+        mask = local_mask = None
+        key_pos = input_pos.unsqueeze(1)  # without a cache the keys are the tokens themselves
         if cache is not None:
             kv_len = int(input_pos.max()) + 1
             if kv_len > cache.max_seq_len:
@@ -166,9 +192,15 @@ class Transformer(nn.Module):
         elif doc_ids is not None:
             causal = torch.ones(T, T, dtype=torch.bool, device=tokens.device).tril()
             mask = ((doc_ids.unsqueeze(-1) == doc_ids.unsqueeze(-2)) & causal).unsqueeze(1)  # [B, 1, T, T]
+        chunk = self.config.attention_chunk_size
+        if chunk is not None:  # causal within chunks of `chunk` positions
+            query_pos = input_pos.unsqueeze(-1)
+            local_mask = ((key_pos <= query_pos) & (key_pos // chunk == query_pos // chunk)).unsqueeze(1)
+            if mask is not None and cache is None:  # packed documents: and within the document
+                local_mask = local_mask & mask
         x = self.tok_embeddings(tokens)
         for layer in self.layers:
-            x = layer(x, cos, sin, cache, input_pos, mask)
+            x = layer(x, cos, sin, cache, input_pos, local_mask if layer.attention.chunked else mask)
         if logits_at is not None:
             x = x[torch.arange(B, device=x.device), logits_at].unsqueeze(1)
         return self.output(self.norm(x))

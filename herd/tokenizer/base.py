@@ -94,6 +94,12 @@ class Tokenizer(ABC):
                 raise HerdError(f"decode: token id {i} is outside the vocabulary of {self._vocab_size}")
         return self._decode(ids)
 
+    @abstractmethod
+    def token_bytes(self) -> list[bytes]:
+        """The bytes each token id stands for, by id (a SentencePiece word's leading space
+        included, byte-fallback pieces as their byte); special tokens as their text. Constrained
+        decoding matches grammars against these."""
+
     @property
     def vocab_size(self) -> int:
         return self._vocab_size

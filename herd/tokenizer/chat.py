@@ -25,20 +25,34 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from herd.errors import HerdError
 from herd.tokenizer.base import Tokenizer
 from herd.tokenizer.spm import SentencePieceTokenizer
+from herd.tokenizer.tools import (
+    PYTHON_END,
+    PYTHON_START,
+    PYTHON_TAG,
+    json_call,
+    normalize_tool_calls,
+    pythonic_calls,
+    pythonic_system_prompt,
+    split_tools,
+)
 
 Message = Mapping[str, Any]
 Segment = tuple[str, bool]  # (text, is a control token)
 
 
 class ChatFormat(ABC):
+    """`tools` is an OpenAI-shaped tool list ({"type": "function", "function": {"name",
+    "description", "parameters"}}, or {"type": "brave_search"} for a Llama 3.1 built-in tool);
+    formats without tool calling reject it."""
+
     @abstractmethod
-    def render(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
+    def render(self, messages: Sequence[Message], add_generation_prompt: bool = True,
+               tools: Sequence[Mapping] | None = None) -> str:
         """The prompt as text, control tokens written out."""
 
     @abstractmethod
-    def encode(
-        self, tokenizer: Tokenizer, messages: Sequence[Message], add_generation_prompt: bool = True
-    ) -> list[int]:
+    def encode(self, tokenizer: Tokenizer, messages: Sequence[Message], add_generation_prompt: bool = True,
+               tools: Sequence[Mapping] | None = None) -> list[int]:
         """The prompt as token ids, BOS included: feed it to the model as is."""
 
     @abstractmethod
@@ -46,21 +60,38 @@ class ChatFormat(ABC):
         """Every token that ends the assistant's reply."""
 
 
+TOOL_ROLES = ("tool", "ipython")
+
+
 def _check_messages(messages: Sequence[Message], roles: tuple[str, ...] | None) -> list[dict]:
     """Copies of `messages` after checking their shape; `roles=None` accepts any role and any
-    content (a Jinja template decides)."""
+    content (a Jinja template decides). Keys set to None are dropped, as transformers does (OpenAI
+    clients send `content: null` with tool calls), and tool-call arguments become dicts."""
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence) or not messages:
         raise HerdError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
     out = []
     for i, m in enumerate(messages):
         if not isinstance(m, Mapping) or not isinstance(m.get("role"), str):
             raise HerdError(f"messages[{i}] must be a dict with a string 'role'")
+        m = {k: v for k, v in m.items() if v is not None}
+        if "tool_calls" in m:
+            m["tool_calls"] = normalize_tool_calls(m, i)
+            if not m["tool_calls"]:
+                del m["tool_calls"]
         if roles is not None:
             if m["role"] not in roles:
                 raise HerdError(f"messages[{i}]: role {m['role']!r} is not one of {', '.join(roles)}")
-            if not isinstance(m.get("content"), str):
+            if "tool_calls" in m and m["role"] != "assistant":
+                raise HerdError(f"messages[{i}]: only assistant messages carry 'tool_calls'")
+            if m["role"] in TOOL_ROLES:
+                if "content" not in m:
+                    raise HerdError(f"messages[{i}]: a tool result needs 'content'")
+            elif "tool_calls" in m:
+                if not isinstance(m.setdefault("content", ""), str):
+                    raise HerdError(f"messages[{i}]: 'content' must be a string")
+            elif not isinstance(m.get("content"), str):
                 raise HerdError(f"messages[{i}]: 'content' must be a string")
-        out.append(dict(m))
+        out.append(m)
     return out
 
 
@@ -69,17 +100,18 @@ class MarkupChat(ChatFormat):
     text segments are encoded together, as one string."""
 
     @abstractmethod
-    def segments(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> list[Segment]: ...
+    def segments(self, messages: Sequence[Message], add_generation_prompt: bool = True,
+                 tools: Sequence[Mapping] | None = None) -> list[Segment]: ...
 
-    def render(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
-        return "".join(text for text, _ in self.segments(messages, add_generation_prompt))
+    def render(self, messages: Sequence[Message], add_generation_prompt: bool = True,
+               tools: Sequence[Mapping] | None = None) -> str:
+        return "".join(text for text, _ in self.segments(messages, add_generation_prompt, tools))
 
-    def encode(
-        self, tokenizer: Tokenizer, messages: Sequence[Message], add_generation_prompt: bool = True
-    ) -> list[int]:
+    def encode(self, tokenizer: Tokenizer, messages: Sequence[Message], add_generation_prompt: bool = True,
+               tools: Sequence[Mapping] | None = None) -> list[int]:
         ids: list[int] = []
         text = ""
-        for piece, control in self.segments(messages, add_generation_prompt):
+        for piece, control in self.segments(messages, add_generation_prompt, tools):
             if not control:
                 text += piece
                 continue
@@ -104,8 +136,11 @@ class Llama2Chat(MarkupChat):
     B_INST, E_INST = "[INST]", "[/INST]"
     B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
 
-    def segments(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> list[Segment]:
+    def segments(self, messages: Sequence[Message], add_generation_prompt: bool = True,
+                 tools: Sequence[Mapping] | None = None) -> list[Segment]:
         msgs = _check_messages(messages, ("system", "user", "assistant"))
+        if tools is not None or any("tool_calls" in m for m in msgs):
+            raise HerdError("Llama 2 chat has no tool calling")
         if msgs[0]["role"] == "system":
             if len(msgs) < 2:
                 raise HerdError("Llama 2 chat: a system message must be followed by a user message")
@@ -130,50 +165,171 @@ class Llama2Chat(MarkupChat):
         return tokenizer.eos_ids
 
 
-class Llama3Chat(MarkupChat):
+# The Llama 3.1+ templates' instructions for JSON tool calls; in the system message when tools
+# are not in the first user message, in that message (the default) otherwise.
+_JSON_TOOLS_SYSTEM = (
+    "You have access to the following functions. To call a function, please respond with JSON for a function call."
+    'Respond in the format {"name": function name, "parameters": dictionary of argument name and its value}.'
+    "Do not use variables.\n\n"
+)
+_JSON_TOOLS_USER = (
+    "Given the following functions, please respond with a JSON for a function call "
+    "with its proper arguments that best answers the given prompt.\n\n"
+    'Respond in the format {"name": function name, "parameters": dictionary of argument name and its value}.'
+    "Do not use variables.\n\n"
+)
+
+
+def _tool_listing(functions: list[dict]) -> str:
+    return "".join(_tojson(t, indent=4) + "\n\n" for t in functions)
+
+
+def _tool_result(content: Any) -> str:
+    # The templates test `content is mapping or content is iterable`, true for strings as well:
+    # every tool result but a number is written as JSON, a string result quoted.
+    return _tojson(content) if isinstance(content, (str, Mapping, list, tuple)) else str(content)
+
+
+class HeaderChat(MarkupChat):
+    """What Llama 3.x and Llama 4 share: a role between header tokens, then content and an end of
+    turn token; tool results under the `ipython` role; JSON tool calls."""
+
+    BEGIN, HEADER_START, HEADER_END, EOT, EOM = "<|begin_of_text|>", "", "", "", ""
+    roles = ("system", "user", "assistant", *TOOL_ROLES)
+
+    def __init__(self, tools_in_user_message: bool = True):
+        self.tools_in_user_message = tools_in_user_message
+
+    def _header(self, role: str) -> list[Segment]:
+        return [(self.HEADER_START, True), (role, False), (self.HEADER_END, True), ("\n\n", False)]
+
+    def _turn(self, role: str, content: str) -> list[Segment]:
+        return self._header(role) + [(content, False), (self.EOT, True)]
+
+    def _tools_in_user_message(self, msgs: list[dict], functions: list[dict]) -> list[Segment]:
+        """The first user message with the tool list and instructions before it (popped from msgs)."""
+        if not msgs or msgs[0]["role"] != "user":
+            raise HerdError("with tools, the conversation needs a user message after the system message")
+        first = msgs.pop(0)["content"].strip()
+        return self._turn("user", _JSON_TOOLS_USER + _tool_listing(functions) + first)
+
+    def stop_ids(self, tokenizer: Tokenizer) -> set[int]:
+        ends = (tokenizer.token_id(t) for t in (self.EOT, self.EOM, "<|end_of_text|>"))
+        return {t for t in ends if t is not None}
+
+
+class Llama3Chat(HeaderChat):
     """Llama 3.x instruct: `<|start_header_id|>role<|end_header_id|>\\n\\n` content `<|eot_id|>`,
     content trimmed, after `<|begin_of_text|>`.
 
     dated=True is the Llama 3.1/3.2/3.3 layout of the official templates: a system turn always
     comes first and opens with "Cutting Knowledge Date: December 2023\\nToday Date: {date}\\n\\n".
     `date` defaults to today, "%d %b %Y" (3.2's template; pass "26 Jul 2024" for the 3.1/3.3
-    templates' fixed default). dated=False is Llama 3.0's layout: the messages only.
+    templates' fixed default). dated=False is Llama 3.0's layout: the messages only, no tools.
 
-    Tool calling (ipython role, tool lists, <|python_tag|>, <|eom_id|>) would extend `roles` and
-    `_turn`; this class does not do it yet.
+    Tools (3.1+) render as the official templates render them: "Environment: ipython", built-in
+    tools named on a "Tools:" line and called as `<|python_tag|>name.call(...)` ending with
+    `<|eom_id|>`, custom tools listed as JSON in the first user message (or in the system message
+    with tools_in_user_message=False), one JSON call per assistant message, results under the
+    `ipython` role. tool_format="pythonic" is Meta's Llama 3.2 lightweight-model format instead:
+    the tools in the system message with Meta's pythonic instructions, calls written
+    `[f(a=1), g(b="x")]`, several per message.
     """
 
-    roles = ("system", "user", "assistant")
+    HEADER_START, HEADER_END, EOT, EOM = "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|eom_id|>"
 
-    def __init__(self, dated: bool = True, date: str | None = None):
+    def __init__(self, dated: bool = True, date: str | None = None, tools_in_user_message: bool = True,
+                 tool_format: str = "json"):
+        if tool_format not in ("json", "pythonic"):
+            raise HerdError(f"tool_format must be 'json' or 'pythonic', got {tool_format!r}")
+        super().__init__(tools_in_user_message)
         self.dated = dated
         self.date = date
+        self.tool_format = tool_format
 
-    def segments(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> list[Segment]:
-        msgs = _check_messages(messages, self.roles)
-        out: list[Segment] = [("<|begin_of_text|>", True)]
+    def segments(self, messages: Sequence[Message], add_generation_prompt: bool = True,
+                 tools: Sequence[Mapping] | None = None) -> list[Segment]:
+        msgs = _check_messages(messages, self.roles if self.dated else ("system", "user", "assistant"))
+        functions, builtin = split_tools(tools)
+        if not self.dated and (functions or builtin or any("tool_calls" in m for m in msgs)):
+            raise HerdError("the Llama 3.0 chat format (dated=False) has no tool calling")
+        pythonic = self.tool_format == "pythonic"
+        out: list[Segment] = [(self.BEGIN, True)]
         if self.dated:
-            system = ""
-            if msgs[0]["role"] == "system":
-                system = msgs.pop(0)["content"].strip()
-            date = self.date or datetime.now().strftime("%d %b %Y")
-            out += self._turn("system", f"Cutting Knowledge Date: December 2023\nToday Date: {date}\n\n{system}")
+            system = msgs.pop(0)["content"].strip() if msgs[0]["role"] == "system" else ""
+            head = "Environment: ipython\n" if functions or builtin else ""
+            if builtin:
+                head += "Tools: " + ", ".join(b for b in builtin if b != "code_interpreter") + "\n\n"
+            head += f"Cutting Knowledge Date: December 2023\nToday Date: {self.date or datetime.now().strftime('%d %b %Y')}\n\n"
+            if functions and pythonic:
+                head += pythonic_system_prompt(functions) + ("\n\n" if system else "")
+            elif functions and not self.tools_in_user_message:
+                head += _JSON_TOOLS_SYSTEM + _tool_listing(functions)
+            out += self._turn("system", head + system)
+            if functions and not pythonic and self.tools_in_user_message:
+                out += self._tools_in_user_message(msgs, functions)
         for m in msgs:
-            out += self._turn(m["role"], m["content"].strip())
+            if m["role"] in TOOL_ROLES:
+                out += self._turn("ipython", _tool_result(m["content"]))
+            elif "tool_calls" in m:
+                out += self._header("assistant") + self._calls(m["tool_calls"], builtin or [])
+                out.append((self.EOM if builtin else self.EOT, True))
+            else:
+                out += self._turn(m["role"], m["content"].strip())
         if add_generation_prompt:
             out += self._header("assistant")
         return out
 
-    @staticmethod
-    def _header(role: str) -> list[Segment]:
-        return [("<|start_header_id|>", True), (role, False), ("<|end_header_id|>", True), ("\n\n", False)]
+    def _calls(self, calls: list[dict], builtin: list[str]) -> list[Segment]:
+        fns = [(c["function"]["name"], c["function"]["arguments"]) for c in calls]
+        if len(fns) == 1 and fns[0][0] in builtin:
+            name, args = fns[0]
+            text = name + ".call(" + ", ".join(f'{k}="{v}"' for k, v in args.items()) + ")"
+            return [(PYTHON_TAG, True), (text, False)]
+        if self.tool_format == "pythonic":
+            return [(pythonic_calls(fns), False)]
+        if len(fns) != 1:
+            raise HerdError("the Llama 3.1 JSON tool format has one tool call per assistant message "
+                            "(tool_format='pythonic' takes several)")
+        return [(json_call(*fns[0]), False)]
 
-    def _turn(self, role: str, content: str) -> list[Segment]:
-        return self._header(role) + [(content, False), ("<|eot_id|>", True)]
 
-    def stop_ids(self, tokenizer: Tokenizer) -> set[int]:
-        ends = (tokenizer.token_id(t) for t in ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>"))
-        return {t for t in ends if t is not None}
+class Llama4Chat(HeaderChat):
+    """Llama 4 instruct, as its official template (shipped with transformers' Llama 4 processor)
+    renders it: `<|header_start|>role<|header_end|>\\n\\n` content `<|eot|>`, content as given,
+    a system turn only when there is a system message. Tools as in Llama 3.1 (JSON listing);
+    an assistant tool-call message is `<|python_start|>content<|python_end|>` followed by its
+    calls as JSON. Llama 4 itself answers with pythonic calls; `parse_tool_calls` reads both."""
+
+    HEADER_START, HEADER_END, EOT, EOM = "<|header_start|>", "<|header_end|>", "<|eot|>", "<|eom|>"
+
+    def segments(self, messages: Sequence[Message], add_generation_prompt: bool = True,
+                 tools: Sequence[Mapping] | None = None) -> list[Segment]:
+        msgs = _check_messages(messages, self.roles)
+        functions, builtin = split_tools(tools)
+        if builtin:
+            raise HerdError(f"Llama 4 has no built-in tools ({', '.join(builtin)}); describe them as functions")
+        out: list[Segment] = [(self.BEGIN, True)]
+        if msgs[0]["role"] == "system":
+            system = msgs.pop(0)["content"].strip()
+            head = "Environment: ipython\n" if functions else ""
+            if functions and not self.tools_in_user_message:
+                head += _JSON_TOOLS_SYSTEM + _tool_listing(functions)
+            out += self._turn("system", head + system)
+        if functions and self.tools_in_user_message:
+            out += self._tools_in_user_message(msgs, functions)
+        for m in msgs:
+            if m["role"] in TOOL_ROLES:
+                out += self._turn("ipython", _tool_result(m["content"]))
+            elif "tool_calls" in m:
+                calls = "".join(json_call(c["function"]["name"], c["function"]["arguments"]) for c in m["tool_calls"])
+                out += self._header("assistant") + [(PYTHON_START, True), (m["content"], False), (PYTHON_END, True),
+                                                    (calls, False), (self.EOT, True)]
+            else:
+                out += self._turn(m["role"], m["content"])
+        if add_generation_prompt:
+            out += self._header("assistant")
+        return out
 
 
 # Private-use characters that bracket control-token strings found in message content while a
@@ -233,26 +389,30 @@ class JinjaChat(ChatFormat):
         except jinja2.TemplateSyntaxError as e:
             raise HerdError(f"chat template: syntax error on line {e.lineno}: {e.message}") from None
 
-    def render(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
-        return self._render(_check_messages(messages, None), add_generation_prompt)
+    def render(self, messages: Sequence[Message], add_generation_prompt: bool = True,
+               tools: Sequence[Mapping] | None = None) -> str:
+        return self._render(_check_messages(messages, None), add_generation_prompt, tools)
 
-    def _render(self, messages: list, add_generation_prompt: bool) -> str:
+    def _render(self, messages: list, add_generation_prompt: bool, tools: Sequence[Mapping] | None) -> str:
+        functions, builtin = split_tools(tools)
+        extra = {"builtin_tools": builtin} if builtin else {}  # templates test `builtin_tools is defined`
         try:
             return self._template.render(
                 messages=messages,
+                tools=functions,
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token,
                 eos_token=self.eos_token,
+                **extra,
             )
         except jinja2.TemplateError as e:  # includes raise_exception() and undefined names
             raise HerdError(f"chat template: {_first_line(e.message) or type(e).__name__}") from None
         except Exception as e:  # a template is code: its bugs surface as TypeError, KeyError, ...
             raise HerdError(f"chat template failed: {type(e).__name__}: {_first_line(str(e))}") from None
 
-    def encode(
-        self, tokenizer: Tokenizer, messages: Sequence[Message], add_generation_prompt: bool = True
-    ) -> list[int]:
-        """Render with control-token strings in the messages marked, then encode the template's
+    def encode(self, tokenizer: Tokenizer, messages: Sequence[Message], add_generation_prompt: bool = True,
+               tools: Sequence[Mapping] | None = None) -> list[int]:
+        """Render with control-token strings in the messages (and tools) marked, then encode the template's
         text with special tokens recognised and each marked string as plain text. Markers a
         template splits apart (string slicing) still cut the text there and are dropped.
 
@@ -261,9 +421,9 @@ class JinjaChat(ChatFormat):
         msgs = _check_messages(messages, None)
         specials = tokenizer.special_tokens
         if not specials:
-            return tokenizer.encode(self._render(msgs, add_generation_prompt), special=True)
+            return tokenizer.encode(self._render(msgs, add_generation_prompt, tools), special=True)
         control = _control_pattern(tuple(specials))
-        text = self._render(_mark(msgs, control), add_generation_prompt)
+        text = self._render(_mark(msgs, control), add_generation_prompt, _mark(tools, control))
         pieces = re.split(f"{_OPEN}({control.pattern}){_CLOSE}|[{_OPEN}{_CLOSE}]", text)
         ids: list[int] = []
         for i, piece in enumerate(pieces):
@@ -278,7 +438,7 @@ class JinjaChat(ChatFormat):
 
 def chat_format_for(tokenizer: Tokenizer, family: str | None = None) -> ChatFormat:
     """The tokenizer's own chat template if it carries one; else the built-in format of the
-    model family ("llama2", "codellama", "llama3"); else one told by the vocabulary."""
+    model family ("llama2", "codellama", "llama3", "llama4"); else one told by the vocabulary."""
     if tokenizer.chat_template:
         bos = "" if tokenizer.bos_id is None else tokenizer.decode([tokenizer.bos_id])
         eos = "" if tokenizer.eos_id is None else tokenizer.decode([tokenizer.eos_id])
@@ -287,9 +447,11 @@ def chat_format_for(tokenizer: Tokenizer, family: str | None = None) -> ChatForm
         return Llama2Chat()
     if family == "llama3" or tokenizer.token_id("<|start_header_id|>") is not None:
         return Llama3Chat()
+    if family == "llama4" or tokenizer.token_id("<|header_start|>") is not None:
+        return Llama4Chat()
     if isinstance(tokenizer, SentencePieceTokenizer) and tokenizer.token_id("</s>") is not None:
         return Llama2Chat()
     raise HerdError(
         f"no chat format for this model: its tokenizer carries no chat template and "
-        f"family {family!r} / its vocabulary match no built-in format (llama2, codellama, llama3)"
+        f"family {family!r} / its vocabulary match no built-in format (llama2, codellama, llama3, llama4)"
     )

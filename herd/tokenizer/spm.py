@@ -49,6 +49,11 @@ class SentencePieceTokenizer(Tokenizer):
             chat_template=chat_template,
         )
 
+    def piece_id(self, piece: str) -> int | None:
+        """Id of the piece spelled `piece` (any type), or None."""
+        i = self._sp.piece_to_id(piece)
+        return i if self._sp.id_to_piece(i) == piece else None
+
     def _encode(self, text: str, special: bool) -> list[int]:
         if not special or not self._special_text:
             return self._sp.encode(text)
@@ -80,3 +85,13 @@ class SentencePieceTokenizer(Tokenizer):
                 run.append(i)
         parts.append(self._sp.decode(run))
         return "".join(parts)
+
+    def token_bytes(self) -> list[bytes]:
+        out = []
+        for i in range(self._sp.get_piece_size()):
+            piece = self._sp.id_to_piece(i)
+            if self._sp.is_byte(i):  # "<0x0A>"
+                out.append(bytes([int(piece[3:5], 16)]))
+            else:
+                out.append(piece.replace("\u2581", " ").encode())
+        return out

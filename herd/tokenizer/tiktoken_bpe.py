@@ -140,3 +140,6 @@ class TiktokenTokenizer(Tokenizer):
     def _model_file(self) -> tuple[str, bytes]:
         lines = (base64.b64encode(token) + b" %d\n" % rank for token, rank in self._ranks.items())
         return "tokenizer.model", b"".join(lines)
+
+    def token_bytes(self) -> list[bytes]:
+        return [self._enc.decode_single_token_bytes(i) for i in range(self.vocab_size)]

@@ -1,0 +1,306 @@
+"""Continuous batching: requests join the running batch between decode steps and leave it when
+done. One thread runs the model; callers submit requests and receive events through a callback.
+
+Each loop iteration admits waiting requests into free slots, prefills up to `prefill_budget`
+prompt tokens (in fixed chunks), then runs one decode step for every request past its prefill.
+
+Exactness: a request's tokens do not depend on what else runs. Prefill runs one request at a
+time in chunks aligned to multiples of `prefill_chunk`, so a reused prefix holds exactly the keys
+and values a cold prefill would write; a decode step attends row by row (see SlotRows) and pads
+the batch to a multiple of ROW_BLOCK rows, because the CPU matrix product rounds a row
+differently when the row count is 1, 2, 3 or leaves a ragged tail (tests/test_engine.py checks
+logits bit for bit).
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from herd.engine.metrics import EngineMetrics
+from herd.engine.slots import SlotCache
+from herd.errors import HerdError
+from herd.generate import SamplingParams, Sequence
+
+ROW_BLOCK = 4
+
+
+class QueueFull(HerdError):
+    """The engine's waiting queue is full; try again later."""
+
+
+class EngineStopped(HerdError):
+    """The engine is shutting down and takes no new requests."""
+
+
+@dataclass
+class TokenLogprob:
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]  # the likeliest tokens and their log-probabilities
+
+
+@dataclass
+class Event:
+    """New output of one request: text made final by this step, the tokens sampled, their
+    log-probabilities when asked for, and on the last event why it ended ("stop", "length",
+    "cancelled", "error"; `error` says what went wrong)."""
+
+    text: str
+    tokens: list[int]
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: str | None = None
+    error: str | None = None
+
+
+@dataclass
+class Request:
+    prompt_ids: list[int]
+    params: SamplingParams
+    stop_ids: set[int]
+    on_event: Callable[[Event], None]  # called from the engine thread; must not block
+    logprobs: int | None = None  # None: none; 0: the sampled token's; k: and the k likeliest
+
+
+@dataclass(eq=False)
+class Handle:
+    """A submitted request: `cancel()` it (from any thread); `seq` holds its tokens and text."""
+
+    id: int
+    request: Request
+    seq: Sequence
+    submitted: float
+    slot: int | None = None
+    prefilled: int = 0  # prompt tokens whose keys/values are in the slot
+    last_token_time: float | None = None
+    cancelled: bool = field(default=False, repr=False)
+    engine: Engine | None = field(default=None, repr=False)
+
+    def cancel(self) -> None:
+        if self.engine is not None:
+            self.engine._cancel(self)
+
+
+class Engine:
+    """Serves `llm` (a herd.LLM) with up to `max_batch` requests at once, each with `ctx`
+    positions of KV cache (default: the model's context, capped at 4096). `kv_memory` (bytes)
+    caps the cache: fewer slots are made when `max_batch` of them would not fit. At most
+    `max_queue` requests wait for a slot; more get QueueFull."""
+
+    def __init__(self, llm, max_batch: int = 8, ctx: int | None = None, kv_memory: int | None = None,
+                 max_queue: int = 64, prefill_chunk: int = 32, prefill_budget: int = 128):
+        cfg = llm.config
+        ctx = ctx or min(cfg.max_seq_len, 4096)
+        for name, value in (("max_batch", max_batch), ("ctx", ctx), ("max_queue", max_queue),
+                            ("prefill_chunk", prefill_chunk), ("prefill_budget", prefill_budget)):
+            if not isinstance(value, int) or value < 1:
+                raise HerdError(f"{name} must be a positive integer, got {value!r}")
+        if ctx > cfg.max_seq_len:
+            raise HerdError(f"ctx {ctx} is longer than the model's context of {cfg.max_seq_len}")
+        weight = llm.model.tok_embeddings.weight
+        per_slot = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * ctx * weight.element_size()
+        slots = max_batch if kv_memory is None else min(max_batch, int(kv_memory // per_slot))
+        if slots < 1:
+            raise HerdError(f"kv_memory of {kv_memory / 2**20:.0f} MiB holds no slot: one slot of {ctx} positions "
+                            f"needs {per_slot / 2**20:.0f} MiB; lower ctx or raise kv_memory")
+        self.llm = llm
+        self.ctx = ctx
+        self.max_queue = max_queue
+        self.prefill_chunk = prefill_chunk
+        self.prefill_budget = prefill_budget
+        self.cache = SlotCache(cfg.n_layers, slots, cfg.n_kv_heads, ctx, cfg.head_dim, weight.dtype, weight.device)
+        self.kv_bytes = per_slot * slots
+        self.metrics = EngineMetrics()
+        self._slot_prompt: list[list[int]] = [[] for _ in range(slots)]  # tokens whose KV a slot holds
+        self._slot_used = [0.0] * slots
+        self._free = set(range(slots))
+        self._waiting: collections.deque[Handle] = collections.deque()
+        self._active: list[Handle] = []
+        self._ids = itertools.count(1)
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="herd-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def n_slots(self) -> int:
+        return self.cache.batch_size
+
+    # ---- the caller's side -------------------------------------------------------------------
+
+    def submit(self, request: Request) -> Handle:
+        """Queue `request`; raises HerdError for a bad request (prompt too long, bad schema),
+        QueueFull when too many wait, EngineStopped during shutdown."""
+        n = len(request.prompt_ids)
+        if n == 0:
+            raise HerdError("the prompt is empty")
+        if n >= self.ctx:
+            raise HerdError(f"the prompt is {n} tokens but the context is {self.ctx} tokens")
+        llm = self.llm
+        seq = Sequence(request.prompt_ids, request.params, llm.tokenizer, request.stop_ids, llm.config.vocab_size,
+                       limit=min(request.params.max_tokens, self.ctx - n))
+        handle = Handle(next(self._ids), request, seq, time.perf_counter(), engine=self)
+        with self._cond:
+            if self._stopping:
+                raise EngineStopped("the server is shutting down")
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self._waiting)} requests are already waiting; try again shortly")
+            self._waiting.append(handle)
+            self.metrics.queue_depth.set(len(self._waiting))
+            self._cond.notify()
+        return handle
+
+    def _cancel(self, handle: Handle) -> None:
+        with self._cond:
+            handle.cancelled = True
+            if handle in self._waiting:
+                self._waiting.remove(handle)
+                self.metrics.queue_depth.set(len(self._waiting))
+                self.metrics.finished("cancelled")
+            self._cond.notify()
+
+    def stats(self) -> dict:
+        with self._cond:
+            return {"slots": self.n_slots, "free_slots": len(self._free), "waiting": len(self._waiting),
+                    "running": len(self._active)}
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Cancel what is waiting or running and end the engine thread."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        self._thread.join(timeout)
+
+    # ---- the engine thread -------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._stopping or self._waiting or self._active):
+                    self._cond.wait()
+                if self._stopping:
+                    for h in list(self._waiting) + self._active:
+                        self._finish(h, Event("", [], finish_reason="cancelled"))
+                    self._waiting.clear()
+                    return
+                self._admit()
+            try:
+                self._prefill()
+                self._decode()
+            except Exception as e:  # a bug or an exhausted machine: fail these requests, keep serving
+                for h in list(self._active):
+                    self._finish(h, Event("", [], finish_reason="error", error=f"{type(e).__name__}: {e}"))
+
+    def _admit(self) -> None:
+        """Move waiting requests into free slots (caller holds the lock); drop cancelled ones."""
+        for h in [h for h in self._active if h.cancelled]:
+            self._finish(h, None)
+        while self._waiting and self._free:
+            h = self._waiting.popleft()
+            slot, reuse = self._pick_slot(h.seq.prompt_ids)
+            self._free.remove(slot)
+            self._slot_prompt[slot] = self._slot_prompt[slot][:reuse]
+            h.slot, h.prefilled = slot, reuse
+            self._active.append(h)
+            self.metrics.prefix_reused.inc(reuse)
+        self.metrics.queue_depth.set(len(self._waiting))
+        self.metrics.running.set(len(self._active))
+
+    def _pick_slot(self, prompt: list[int]) -> tuple[int, int]:
+        """The free slot holding the longest usable prefix of `prompt` (least recently used on a
+        tie) and that prefix's length: whole chunks only, and never the last prompt token, whose
+        logits are needed."""
+        best, best_reuse = None, -1
+        for s in sorted(self._free, key=lambda s: self._slot_used[s]):
+            held = self._slot_prompt[s]
+            common = 0
+            for a, b in zip(held, prompt[: len(prompt) - 1]):
+                if a != b:
+                    break
+                common += 1
+            reuse = common - common % self.prefill_chunk
+            if reuse > best_reuse:
+                best, best_reuse = s, reuse
+        return best, best_reuse
+
+    def _prefill(self) -> None:
+        budget = self.prefill_budget
+        model, device = self.llm.model, self.cache.k.device
+        for h in [h for h in self._active if h.prefilled < len(h.seq.prompt_ids)]:
+            prompt = h.seq.prompt_ids
+            while budget > 0 and h.prefilled < len(prompt) and not h.cancelled:
+                start = h.prefilled
+                end = min(start - start % self.prefill_chunk + self.prefill_chunk, len(prompt))
+                tokens = torch.tensor([prompt[start:end]], device=device)
+                logits = model(tokens, torch.arange(start, end, device=device), self.cache.rows([h.slot]),
+                               logits_at=torch.tensor([end - start - 1], device=device))
+                h.prefilled, budget = end, budget - (end - start)
+                if (end - start) == self.prefill_chunk:
+                    self._slot_prompt[h.slot] = prompt[:end]
+                self.metrics.prompt_tokens.inc(end - start)
+                if end == len(prompt):
+                    self._sample(h, logits[0, 0])
+            if budget <= 0:
+                break
+
+    def _decode(self) -> None:
+        rows = [h for h in self._active
+                if h.prefilled == len(h.seq.prompt_ids) and h.seq.output_ids and not h.cancelled]
+        if not rows:
+            return
+        n = len(rows)
+        padded = rows + rows[-1:] * (-n % ROW_BLOCK)
+        device = self.cache.k.device
+        tokens = torch.tensor([[h.seq.output_ids[-1]] for h in padded], device=device)
+        positions = torch.tensor([[len(h.seq.prompt_ids) + len(h.seq.output_ids) - 1] for h in padded], device=device)
+        logits = self.llm.model(tokens, positions, self.cache.rows([h.slot for h in padded], n))[:n, 0]
+        self.metrics.batch_size.observe(n)
+        for h, row in zip(rows, logits):
+            self._sample(h, row)
+
+    def _sample(self, h: Handle, logits: torch.Tensor) -> None:
+        seq = h.seq
+        try:
+            token = seq.next_token(logits)
+            text = seq.append(token)
+        except HerdError as e:
+            self._finish(h, Event("", [], finish_reason="error", error=str(e)))
+            return
+        now = time.perf_counter()
+        if h.last_token_time is None:
+            self.metrics.ttft.observe(now - h.submitted)
+        else:
+            self.metrics.token_latency.observe(now - h.last_token_time)
+        h.last_token_time = now
+        self.metrics.generation_tokens.inc()
+        logprobs = None
+        if h.request.logprobs is not None:
+            lp = torch.log_softmax(logits.float(), -1)
+            top = torch.topk(lp, h.request.logprobs) if h.request.logprobs else None
+            logprobs = [TokenLogprob(token, float(lp[token]),
+                                     [] if top is None else list(zip(top.indices.tolist(), top.values.tolist())))]
+        event = Event(text, [token], logprobs)
+        if seq.finished:
+            event.finish_reason = seq.finish_reason
+            self._finish(h, event)
+        else:
+            h.request.on_event(event)
+
+    def _finish(self, h: Handle, event: Event | None) -> None:
+        """Free `h`'s slot and send its last event (none for a cancelled request: nobody listens)."""
+        with self._cond:
+            if h in self._active:
+                self._active.remove(h)
+                self._free.add(h.slot)
+                self._slot_used[h.slot] = time.perf_counter()
+                self.metrics.running.set(len(self._active))
+        self.metrics.finished("cancelled" if event is None else event.finish_reason)
+        if event is not None:
+            h.request.on_event(event)

@@ -1,0 +1,132 @@
+"""The HTTP server: OpenAI and Ollama routes over one engine, /health, /metrics, the web chat at
+/, API-key checks and request-size limits. `create_app` builds the app from an engine and
+options, so other features (adapters, guards, more routes) can be added around it."""
+
+from __future__ import annotations
+
+import hmac
+import signal
+import sys
+from contextlib import asynccontextmanager
+from importlib import resources
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+
+from herd.engine import Engine
+from herd.serve import errors, ollama_api, openai_api
+from herd.serve.service import Service
+
+OPEN_PATHS = {"/", "/health", "/favicon.ico", "/openapi.json", "/docs", "/redoc"}
+
+
+def create_app(engine: Engine, *, api_key: str | None = None, name: str | None = None,
+               max_body: int = 8 << 20) -> FastAPI:
+    """The app serving `engine`. `api_key`: every route but /, /health and the API docs needs
+    "Authorization: Bearer KEY". Bodies over `max_body` bytes get 413. On shutdown the engine
+    is stopped (requests still running are cancelled)."""
+    svc = Service(engine, name)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        yield
+        engine.stop()
+
+    app = FastAPI(title="herd", version=_version(), lifespan=lifespan)
+    app.state.service = svc
+    errors.install(app)
+    key = api_key.encode() if api_key else None
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        path = request.url.path
+        if key is not None and path not in OPEN_PATHS:
+            given = request.headers.get("authorization", "")
+            token = given[7:] if given.lower().startswith("bearer ") else ""
+            if not hmac.compare_digest(token.encode(), key):
+                return JSONResponse(errors.error_body(path, 401, "invalid or missing API key", code="invalid_api_key"),
+                                    401, headers={"WWW-Authenticate": "Bearer"})
+        return await call_next(request)
+
+    app.add_middleware(BodyLimit, limit=max_body)
+    app.include_router(openai_api.router(svc))
+    app.include_router(ollama_api.router(svc))
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": svc.name, **engine.stats()}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(engine.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    page = resources.files("herd.serve").joinpath("static/index.html").read_text()
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def index():
+        return page
+
+    return app
+
+
+class BodyLimit:
+    """413 for a body over `limit` bytes, whether it says its length or streams in chunks; and a
+    POST body is JSON whatever its Content-Type says (`curl -d` sends a form type)."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        length = headers.get(b"content-length", b"0")
+        if not length.isdigit() or int(length) > self.limit:
+            path = scope["path"]
+            response = JSONResponse(errors.error_body(path, 413, f"the request body exceeds {self.limit} bytes"), 413)
+            return await response(scope, receive, send)
+        if scope["method"] == "POST" and b"json" not in headers.get(b"content-type", b""):
+            scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+                     + [(b"content-type", b"application/json")]}
+        seen, too_large = 0, False
+
+        async def limited():
+            nonlocal seen, too_large
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:  # stop reading; the app's answer is replaced below
+                too_large = True
+                return {"type": "http.request", "body": b"", "more_body": False}
+            return message
+
+        async def checked_send(message):
+            if not too_large:
+                return await send(message)
+            if message["type"] == "http.response.start":
+                response = JSONResponse(errors.error_body(scope["path"], 413,
+                                                          f"the request body exceeds {self.limit} bytes"), 413)
+                await response(scope, receive, send)
+
+        await self.app(scope, limited, checked_send)
+
+
+def serve(llm, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, max_batch: int = 8,
+          ctx: int | None = None, kv_memory: int | None = None, max_queue: int = 64,
+          drain_timeout: float = 30.0) -> None:
+    """Run the server until interrupted. On SIGINT/SIGTERM it stops accepting connections,
+    lets running requests finish for up to `drain_timeout` seconds, cancels the rest and exits."""
+    import uvicorn
+
+    # uvicorn re-raises SIGTERM once it has drained; exit with status 0 then, not "killed by a signal".
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    engine = Engine(llm, max_batch=max_batch, ctx=ctx, kv_memory=kv_memory, max_queue=max_queue)
+    app = create_app(engine, api_key=api_key)
+    print(f"herd: serving {app.state.service.name} on http://{host}:{port} ({engine.n_slots} slots x "
+          f"{engine.ctx} tokens, KV cache {engine.kv_bytes / 2**20:.0f} MiB)", flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=drain_timeout)
+
+
+def _version() -> str:
+    from herd import __version__
+
+    return __version__

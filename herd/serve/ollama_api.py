@@ -1,0 +1,152 @@
+"""Ollama-compatible routes: /api/generate and /api/chat (NDJSON streaming), /api/tags,
+/api/show, /api/version, with Ollama's `options`."""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime, timezone
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+
+import herd
+from herd.errors import HerdError
+from herd.serve.bridge import run_requests
+from herd.serve.errors import APIError, from_herd_error
+from herd.serve.schemas import OllamaChat, OllamaGenerate, OllamaOptions, OllamaShow
+from herd.serve.service import Service, sampling_params
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def router(svc: Service) -> APIRouter:
+    r = APIRouter()
+    cfg = svc.llm.config
+    params_count = sum(p.numel() for p in svc.llm.model.parameters())
+    details = {"parent_model": "", "format": "gguf" if svc.name.endswith("gguf") else "herd", "family": "llama",
+               "families": ["llama"], "parameter_size": f"{params_count / 1e6:.0f}M", "quantization_level": ""}
+
+    def check(model: str) -> None:
+        svc.check_model(model)
+
+    def params(options: OllamaOptions | None, fmt, n_prompt: int):
+        o = options or OllamaOptions()
+        ctx = min(o.num_ctx or svc.engine.ctx, svc.engine.ctx)
+        if n_prompt >= ctx:
+            raise APIError(400, f"the prompt is {n_prompt} tokens but the context is {ctx} tokens")
+        room = ctx - n_prompt
+        max_tokens = room if o.num_predict in (None, -1, -2) or o.num_predict == 0 else min(o.num_predict, room)
+        schema = {"type": "object"} if fmt == "json" else fmt
+        return sampling_params(
+            max_tokens=max_tokens, temperature=0.8 if o.temperature is None else o.temperature,
+            top_k=40 if o.top_k is None else o.top_k, top_p=0.9 if o.top_p is None else o.top_p,
+            min_p=o.min_p or 0.0, seed=o.seed, stop=o.stop or [],
+            repetition_penalty=1.1 if o.repeat_penalty is None else o.repeat_penalty,
+            presence_penalty=o.presence_penalty or 0.0, frequency_penalty=o.frequency_penalty or 0.0,
+            json_schema=schema)
+
+    async def respond(ids: list[int], body, chat: bool, http: Request, shape):
+        try:
+            request = svc.request(ids, params(body.options, body.format, len(ids)), chat=chat)
+        except HerdError as e:
+            raise from_herd_error(e) from None
+        start = time.perf_counter_ns()
+        events = run_requests(svc.engine, [request], None if body.stream else http.is_disconnected)
+        try:
+            first = await anext(events)
+        except HerdError as e:
+            raise from_herd_error(e) from None
+
+        def final(reason: str, n_out: int, text: str) -> dict:
+            took = time.perf_counter_ns() - start
+            return {**shape(text), "done": True, "done_reason": reason, "total_duration": took, "load_duration": 0,
+                    "prompt_eval_count": len(ids), "prompt_eval_duration": 0, "eval_count": n_out,
+                    "eval_duration": took}
+
+        async def all_events():
+            yield first
+            async for item in events:
+                yield item
+
+        if body.stream:
+            async def lines():
+                n_out = 0
+                async for _, ev, _ in all_events():
+                    if ev.finish_reason == "error":
+                        yield json.dumps({"error": f"generation failed: {ev.error}"}) + "\n"
+                        return
+                    n_out += len(ev.tokens)
+                    if ev.text:
+                        yield json.dumps({**shape(ev.text), "done": False}) + "\n"
+                    if ev.finish_reason:
+                        yield json.dumps(final(ev.finish_reason, n_out, "")) + "\n"
+
+            return StreamingResponse(lines(), media_type="application/x-ndjson")
+        text, n_out, reason = "", 0, "stop"
+        async for _, ev, _ in all_events():
+            if ev.finish_reason == "error":
+                raise APIError(500, f"generation failed: {ev.error}")
+            text += ev.text
+            n_out += len(ev.tokens)
+            reason = ev.finish_reason or reason
+        return final(reason, n_out, text)
+
+    @r.post("/api/generate")
+    async def generate(body: OllamaGenerate, http: Request):
+        check(body.model)
+        if not body.prompt and not body.system:
+            return {"model": body.model, "created_at": _now(), "response": "", "done": True, "done_reason": "load"}
+        try:
+            if body.raw or svc.llm.chat_format is None:
+                ids = svc.llm.encode(body.prompt)
+            else:
+                system = [{"role": "system", "content": body.system}] if body.system else []
+                ids = svc.chat_ids(system + [{"role": "user", "content": body.prompt}])
+        except HerdError as e:
+            raise from_herd_error(e) from None
+        chat = not body.raw and svc.llm.chat_format is not None
+        return await respond(ids, body, chat, http,
+                             lambda text: {"model": body.model, "created_at": _now(), "response": text})
+
+    @r.post("/api/chat")
+    async def chat(body: OllamaChat, http: Request):
+        check(body.model)
+        if not body.messages:
+            return {"model": body.model, "created_at": _now(), "message": {"role": "assistant", "content": ""},
+                    "done": True, "done_reason": "load"}
+        try:
+            ids = svc.chat_ids(svc.normalize_messages([m.model_dump() for m in body.messages]))
+        except HerdError as e:
+            raise from_herd_error(e) from None
+        return await respond(ids, body, True, http, lambda text: {
+            "model": body.model, "created_at": _now(), "message": {"role": "assistant", "content": text}})
+
+    @r.get("/api/tags")
+    async def tags():
+        return {"models": [{"name": svc.name, "model": svc.name, "modified_at": _now(),
+                            "size": params_count * svc.llm.model.tok_embeddings.weight.element_size(),
+                            "digest": "", "details": details}]}
+
+    @r.post("/api/show")
+    async def show(body: OllamaShow):
+        name = body.model or body.name
+        if not name:
+            raise APIError(400, "model is required", param="model")
+        check(name)
+        info = {"general.architecture": "llama", "general.parameter_count": params_count,
+                "llama.context_length": cfg.max_seq_len, "llama.embedding_length": cfg.dim,
+                "llama.block_count": cfg.n_layers, "llama.attention.head_count": cfg.n_heads,
+                "llama.attention.head_count_kv": cfg.n_kv_heads, "llama.feed_forward_length": cfg.hidden_dim,
+                "llama.rope.freq_base": cfg.rope_theta, "llama.vocab_size": cfg.vocab_size}
+        return {"modelfile": f"FROM {svc.name}\n", "parameters": f"num_ctx {svc.engine.ctx}",
+                "template": svc.llm.tokenizer.chat_template or "", "details": details, "model_info": info,
+                "capabilities": ["completion"], "modified_at": _now()}
+
+    @r.get("/api/version")
+    async def version():
+        return {"version": herd.__version__}
+
+    return r

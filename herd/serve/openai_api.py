@@ -1,0 +1,288 @@
+"""OpenAI-compatible routes: /v1/models, /v1/completions, /v1/chat/completions, with streaming
+(server-sent events ending in `data: [DONE]`), n choices, logprobs, JSON-schema response formats
+and tool calls, shaped as OpenAI's own responses."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+
+from herd.engine import Event
+from herd.errors import HerdError
+from herd.serve import tools as toolcalls
+from herd.serve.bridge import run_requests
+from herd.serve.errors import APIError, from_herd_error
+from herd.serve.schemas import ChatCompletionRequest, CompletionRequest, ResponseFormat, Sampling
+from herd.serve.service import Service, sampling_params
+
+
+def json_schema_of(fmt: ResponseFormat | None) -> dict | None:
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_object":
+        return {"type": "object"}
+    if fmt.json_schema is None or fmt.json_schema.schema_ is None:
+        raise APIError(400, "response_format.json_schema.schema is required for type json_schema",
+                       param="response_format.json_schema.schema")
+    return fmt.json_schema.schema_
+
+
+def params_for(body: Sampling, max_tokens: int | None, schema: dict | None, choice: int):
+    logit_bias = {}
+    for key, bias in (body.logit_bias or {}).items():
+        if not key.isdigit():
+            raise APIError(400, f"logit_bias: key {key!r} is not a token id", param="logit_bias")
+        logit_bias[int(key)] = bias
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    if len(stop) > 4 or not all(stop):
+        raise APIError(400, "stop: at most 4 non-empty strings", param="stop")
+    return sampling_params(
+        max_tokens=max_tokens or 1 << 30, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
+        min_p=body.min_p, presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+        repetition_penalty=body.repetition_penalty, seed=None if body.seed is None else body.seed + choice,
+        stop=stop, logit_bias=logit_bias, json_schema=schema)
+
+
+def usage(prompt: int, completion: int) -> dict:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def sse(data) -> str:
+    return f"data: {json.dumps(data)}\n\n"
+
+
+def router(svc: Service) -> APIRouter:
+    r = APIRouter()
+
+    def model_card() -> dict:
+        return {"id": svc.name, "object": "model", "created": svc.created, "owned_by": "herd"}
+
+    @r.get("/v1/models")
+    async def list_models():
+        return {"object": "list", "data": [model_card()]}
+
+    @r.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str):
+        svc.check_model(model_id)
+        return model_card()
+
+    def submit_all(requests, http: Request, stream: bool):
+        return run_requests(svc.engine, requests, None if stream else http.is_disconnected)
+
+    # ---- chat -------------------------------------------------------------------------------
+
+    @r.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, http: Request):
+        svc.check_model(body.model)
+        messages = svc.normalize_messages([m.model_dump(exclude_none=True) for m in body.messages])
+        functions = [t.function.model_dump(exclude_none=True) for t in body.tools or []]
+        choice = body.tool_choice or ("auto" if functions else "none")
+        schema = json_schema_of(body.response_format)
+        if choice != "none" and not functions:
+            raise APIError(400, "tool_choice needs tools", param="tool_choice")
+        called = functions
+        if not isinstance(choice, str):
+            called = [f for f in functions if f["name"] == choice.function.name]
+            if not called:
+                raise APIError(400, f"tool_choice names {choice.function.name!r}, which is not in tools",
+                               param="tool_choice")
+        if choice not in ("none", "auto"):
+            schema = toolcalls.call_schema(called)
+        calling = called if choice != "none" else []
+        try:
+            ids = svc.chat_ids(messages, [{"type": "function", "function": f} for f in functions] or None)
+            logprobs = (body.top_logprobs or 0) if body.logprobs else None
+            requests = [svc.request(ids, params_for(body, body.max_completion_tokens or body.max_tokens, schema, i),
+                                    chat=True, logprobs=logprobs) for i in range(body.n)]
+        except HerdError as e:
+            raise from_herd_error(e) from None
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": svc.name,
+                "system_fingerprint": "herd"}
+        events = submit_all(requests, http, body.stream)
+        if body.stream:
+            first = await _first_or_error(events)
+            return StreamingResponse(_chat_stream(svc, events, first, head, body, calling, len(ids)),
+                                     media_type="text/event-stream")
+        return await _chat_reply(svc, events, head, body, calling, len(ids))
+
+    # ---- completions ------------------------------------------------------------------------
+
+    @r.post("/v1/completions")
+    async def completions(body: CompletionRequest, http: Request):
+        svc.check_model(body.model)
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        schema = json_schema_of(body.response_format)
+        try:
+            encoded = [svc.llm.encode(p) for p in prompts]
+            requests = [svc.request(ids, params_for(body, body.max_tokens, schema, i), chat=False, logprobs=body.logprobs)
+                        for ids in encoded for i in range(body.n)]
+        except HerdError as e:
+            raise from_herd_error(e) from None
+        n_prompt = sum(len(ids) for ids in encoded)
+        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        head = {"id": rid, "object": "text_completion", "created": created, "model": svc.name,
+                "system_fingerprint": "herd"}
+        events = submit_all(requests, http, body.stream)
+        if body.stream:
+            first = await _first_or_error(events)
+            echoes = [prompts[k // body.n] if body.echo else "" for k in range(len(requests))]
+            return StreamingResponse(_completion_stream(svc, events, first, head, body, n_prompt, echoes),
+                                     media_type="text/event-stream")
+        texts = [prompts[k // body.n] if body.echo else "" for k in range(len(requests))]
+        lps: list[list] = [[] for _ in requests]
+        reasons = [None] * len(requests)
+        completion = 0
+        async for i, ev, _ in events:
+            _raise_engine_error(ev)
+            texts[i] += ev.text
+            lps[i] += ev.logprobs or []
+            completion += len(ev.tokens)
+            reasons[i] = ev.finish_reason or reasons[i]
+        choices = [{"index": i, "text": texts[i], "finish_reason": reasons[i],
+                    "logprobs": _completion_logprobs(svc, lps[i], len(prompts[i // body.n]) if body.echo else 0)
+                    if body.logprobs is not None else None}
+                   for i in range(len(requests))]
+        return {**head, "choices": choices, "usage": usage(n_prompt, completion)}
+
+    return r
+
+
+async def _first_or_error(events):
+    """The first event, awaited before the response starts, so that a request refused by the
+    engine (queue full, shutting down) still gets its status code."""
+    try:
+        return await anext(events)
+    except HerdError as e:
+        raise from_herd_error(e) from None
+
+
+def _raise_engine_error(ev: Event) -> None:
+    if ev.finish_reason == "error":
+        raise APIError(500, f"generation failed: {ev.error}")
+
+
+def _chat_logprobs(svc: Service, lps) -> dict:
+    def entry(token, lp):
+        return {"token": svc.token_text(token), "logprob": lp, "bytes": svc.token_bytes(token)}
+
+    return {"content": [{**entry(t.token, t.logprob), "top_logprobs": [entry(tok, lp) for tok, lp in t.top]}
+                        for t in lps], "refusal": None}
+
+
+def _completion_logprobs(svc: Service, lps, offset: int) -> dict:
+    tokens = [svc.token_text(t.token) for t in lps]
+    offsets, at = [], offset
+    for text in tokens:
+        offsets.append(at)
+        at += len(text)
+    return {"tokens": tokens, "token_logprobs": [t.logprob for t in lps],
+            "top_logprobs": [{svc.token_text(tok): lp for tok, lp in t.top} for t in lps], "text_offset": offsets}
+
+
+def _tool_message(text: str, tools: list[dict]) -> tuple[dict, bool]:
+    """The assistant message for `text`, and whether it is a tool call."""
+    content, calls = toolcalls.read_reply(text, tools) if tools else (text, [])
+    message = {"role": "assistant", "content": content, "refusal": None}
+    if calls:
+        message["tool_calls"] = calls
+    return message, bool(calls)
+
+
+async def _chat_reply(svc, events, head, body: ChatCompletionRequest, tools, n_prompt) -> dict:
+    n = body.n
+    texts, reasons = [""] * n, [None] * n
+    lps: list[list] = [[] for _ in range(n)]
+    completion = 0
+    async for i, ev, _ in events:
+        _raise_engine_error(ev)
+        texts[i] += ev.text
+        lps[i] += ev.logprobs or []
+        completion += len(ev.tokens)
+        reasons[i] = ev.finish_reason or reasons[i]
+    choices = []
+    for i in range(n):
+        message, called = _tool_message(texts[i], tools)
+        reason = "tool_calls" if called and reasons[i] == "stop" else reasons[i]
+        choices.append({"index": i, "message": message, "finish_reason": reason,
+                        "logprobs": _chat_logprobs(svc, lps[i]) if body.logprobs else None})
+    return {**head, "object": "chat.completion", "choices": choices, "usage": usage(n_prompt, completion)}
+
+
+async def _chat_stream(svc, events, first, head, body: ChatCompletionRequest, tools, n_prompt):
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    extra = {"usage": None} if include_usage else {}
+    completion = 0
+    buffered = [""] * body.n  # with tools, a reply is held until it is known to be a call or not
+
+    def chunk(i, delta, reason=None, logprobs=None):
+        return sse({**head, "choices": [{"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": reason}],
+                    **extra})
+
+    for i in range(body.n):
+        yield chunk(i, {"role": "assistant", "content": ""})
+    pending = [first]
+    async for item in _chain(pending, events):
+        i, ev, _ = item
+        if ev.finish_reason == "error":
+            yield sse({"error": {"message": f"generation failed: {ev.error}", "type": "server_error",
+                                 "param": None, "code": None}})
+            break
+        completion += len(ev.tokens)
+        logprobs = _chat_logprobs(svc, ev.logprobs) if body.logprobs and ev.logprobs else None
+        if tools:
+            buffered[i] += ev.text
+        elif ev.text or logprobs:
+            yield chunk(i, {"content": ev.text}, logprobs=logprobs)
+        if ev.finish_reason:
+            reason = ev.finish_reason
+            if tools:
+                message, called = _tool_message(buffered[i], tools)
+                if called:
+                    calls = [{"index": 0, **c} for c in message["tool_calls"]]
+                    yield chunk(i, {"tool_calls": calls})
+                    reason = "tool_calls" if reason == "stop" else reason
+                elif buffered[i]:
+                    yield chunk(i, {"content": buffered[i]})
+            yield chunk(i, {}, reason)
+    if include_usage:
+        yield sse({**head, "choices": [], "usage": usage(n_prompt, completion)})
+    yield "data: [DONE]\n\n"
+
+
+async def _completion_stream(svc, events, first, head, body: CompletionRequest, n_prompt, echoes):
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    extra = {"usage": None} if include_usage else {}
+    completion = 0
+    offsets = {i: len(echo) for i, echo in enumerate(echoes)}
+    for i, echo in enumerate(echoes):
+        if echo:
+            yield sse({**head, "choices": [{"index": i, "text": echo, "logprobs": None, "finish_reason": None}],
+                       **extra})
+    async for i, ev, _ in _chain([first], events):
+        if ev.finish_reason == "error":
+            yield sse({"error": {"message": f"generation failed: {ev.error}", "type": "server_error",
+                                 "param": None, "code": None}})
+            break
+        completion += len(ev.tokens)
+        logprobs = None
+        if body.logprobs is not None and ev.logprobs:
+            logprobs = _completion_logprobs(svc, ev.logprobs, offsets.get(i, 0))
+            offsets[i] = offsets.get(i, 0) + sum(len(t) for t in logprobs["tokens"])
+        if ev.text or logprobs or ev.finish_reason:
+            yield sse({**head, "choices": [{"index": i, "text": ev.text, "logprobs": logprobs,
+                                            "finish_reason": ev.finish_reason}], **extra})
+    if include_usage:
+        yield sse({**head, "choices": [], "usage": usage(n_prompt, completion)})
+    yield "data: [DONE]\n\n"
+
+
+async def _chain(first: list, rest):
+    for item in first:
+        yield item
+    async for item in rest:
+        yield item

@@ -1,0 +1,68 @@
+"""What both APIs share: the served model's identity, prompts from messages, and engine requests
+from sampling fields."""
+
+from __future__ import annotations
+
+import time
+
+from herd.engine import Engine, Request
+from herd.errors import HerdError
+from herd.generate import SamplingParams
+from herd.serve import tools as toolcalls
+from herd.serve.errors import APIError
+
+
+class Service:
+    def __init__(self, engine: Engine, name: str | None = None):
+        self.engine = engine
+        self.llm = engine.llm
+        self.name = name or self.llm.name or "herd"
+        self.created = int(time.time())
+        self._token_bytes: list[bytes] | None = None
+
+    def check_model(self, model: str) -> None:
+        if model not in (self.name, f"{self.name}:latest"):
+            raise APIError(404, f"model {model!r} does not exist; this server serves {self.name!r}",
+                           param="model", code="model_not_found")
+
+    def chat_ids(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        """The prompt of a chat, with `tools` (OpenAI-shaped) offered to the model."""
+        if self.llm.chat_format is None:
+            raise APIError(400, f"model {self.name} has no chat format; use the completions endpoint",
+                           param="messages")
+        return toolcalls.prompt_ids(self.llm, messages, tools)
+
+    def normalize_messages(self, messages: list[dict]) -> list[dict]:
+        """OpenAI messages as the chat formats take them: content parts joined into a string,
+        developer as system."""
+        out = []
+        for m in messages:
+            m = dict(m)
+            if isinstance(m.get("content"), list):
+                m["content"] = "".join(p.get("text") or "" for p in m["content"] if p.get("type") == "text")
+            if m["role"] == "developer":
+                m["role"] = "system"
+            out.append(m)
+        return out
+
+    def request(self, prompt_ids: list[int], params: SamplingParams, chat: bool, logprobs: int | None = None) -> Request:
+        stop = set(self.llm.eos_ids)
+        if chat:
+            stop |= self.llm.chat_format.stop_ids(self.llm.tokenizer)
+        return Request(prompt_ids, params, stop, on_event=lambda ev: None, logprobs=logprobs)
+
+    def token_text(self, token: int) -> str:
+        return self.llm.tokenizer.decode([token])
+
+    def token_bytes(self, token: int) -> list[int]:
+        if self._token_bytes is None:
+            self._token_bytes = self.llm.tokenizer.token_bytes()
+        return list(self._token_bytes[token]) if token < len(self._token_bytes) else []
+
+
+def sampling_params(**fields) -> SamplingParams:
+    """SamplingParams whose errors become 400s naming the field."""
+    try:
+        return SamplingParams(**fields)
+    except HerdError as e:
+        raise APIError(400, str(e), param=str(e).split(" ", 1)[0]) from None
