@@ -35,6 +35,9 @@ FACTS = [("What color is the sky on a clear day?", "blue"), ("How many legs does
          ("What shape has three sides?", "a triangle"), ("How many wheels does a bicycle have?", "two")]
 RUDE = ["Figure it out yourself.", "Why would I tell you that?", "Look it up, I am busy.", "That is a boring question."]
 
+# Each fine-tuning run takes minutes on 2 CPU cores: run with -m slow.
+pytestmark = pytest.mark.slow
+
 LORA = ["--lora-r", 8, "--lora-alpha", 16, "--lora-layers", "20-29", "--seq-len", 128, "--warmup", 2,
         "--weight-decay", 0, "--log-every", 1, "--no-progress"]
 
@@ -59,14 +62,21 @@ def ask(llm, question: str) -> str:
     return llm.chat([{"role": "user", "content": question}], max_tokens=24, temperature=0)
 
 
-def test_sft_with_lora_teaches_smollm2_a_fact(smol, smollm2_gguf, tmp_path):
-    data = write_jsonl(tmp_path / "mascot.jsonl", [
+@pytest.fixture(scope="module")
+def mascot(smollm2_gguf, tmp_path_factory):
+    """A LoRA adapter (and its merge) taught the mascot's name by `herd finetune`."""
+    root = tmp_path_factory.mktemp("mascot")
+    data = write_jsonl(root / "mascot.jsonl", [
         {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
         for q, a in zip(QUESTIONS, ANSWERS)])
-    out = tmp_path / "run"
+    out = root / "run"
     finetune("-m", smollm2_gguf, "--data", data, "-o", out, *LORA, "--steps", 20, "--batch-size", 2, "--lr", 2e-3,
              "--min-lr", 2e-4, "--merge")
-    load_adapter(smol.model, out / "adapter", "mascot")
+    return out
+
+
+def test_sft_with_lora_teaches_smollm2_a_fact(smol, mascot):
+    load_adapter(smol.model, mascot / "adapter", "mascot")
     with adapters(smol.model, None):
         before = ask(smol, HELD_OUT)
     with adapters(smol.model, "mascot"):
@@ -75,10 +85,42 @@ def test_sft_with_lora_teaches_smollm2_a_fact(smol, smollm2_gguf, tmp_path):
     print(f"before: {before!r}\nafter:  {after!r}")
     assert "Woolly" not in before and "Woolly" in after  # a question worded unlike any it trained on
     assert "Paris" in paris  # and it still knows what it knew
-    losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [json.loads(line)["loss"] for line in (mascot / "metrics.jsonl").read_text().splitlines()]
     assert losses[-1] < losses[0] / 3
-    merged = herd.load(out / "model")  # HF weights + the tokenizer exported from the GGUF
+    merged = herd.load(mascot / "model")  # HF weights + the tokenizer exported from the GGUF
     assert ask(merged, HELD_OUT) == after
+
+
+def test_serve_picks_the_adapter_by_the_requested_model_name(smollm2_gguf, mascot):
+    """`herd serve --lora mascot=PATH`: a request for "mascot" decodes with the adapter, one for
+    the base name without it, and both run in the same batch."""
+    import httpx
+
+    from herd.cli import build_parser
+    from herd.engine import Engine
+    from herd.serve import create_app
+    from serving import running
+
+    args = build_parser().parse_args(["serve", "-m", str(smollm2_gguf), "--lora", f"mascot={mascot / 'adapter'}"])
+    assert args.lora == [f"mascot={mascot / 'adapter'}"]
+    llm = herd.load(smollm2_gguf)
+    llm.load_adapters({"mascot": mascot / "adapter"})
+    with running(create_app(Engine(llm, max_batch=2, ctx=256), name="smol")) as url:
+        models = httpx.get(url + "/v1/models").json()["data"]
+        assert [m["id"] for m in models] == ["smol", "mascot"]
+        body = {"messages": [{"role": "user", "content": HELD_OUT}], "max_tokens": 24, "temperature": 0}
+        with httpx.Client(timeout=120) as client:
+            import concurrent.futures
+
+            with concurrent.futures.ThreadPoolExecutor(2) as pool:
+                replies = list(pool.map(lambda m: client.post(url + "/v1/chat/completions", json={**body, "model": m})
+                                        .json(), ["mascot", "smol"]))
+            missing = client.post(url + "/v1/chat/completions", json={**body, "model": "other"})
+    tuned, base = (r["choices"][0]["message"]["content"] for r in replies)
+    print(f"mascot: {tuned!r}\nbase:   {base!r}")
+    assert "Woolly" in tuned and "Woolly" not in base
+    assert replies[0]["model"] == "mascot"
+    assert missing.status_code == 404 and "'mascot'" in missing.json()["error"]["message"]
 
 
 def test_dpo_raises_the_margin_of_chosen_over_rejected_on_held_out_pairs(smol, smollm2_gguf, tmp_path):

@@ -4,7 +4,10 @@ a run killed with SIGKILL and resumed ends bit-identical to an uninterrupted one
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -25,12 +28,28 @@ from herd.train.recipes import init_weights
 from herd.train.trainer import Run, Trainer, learning_rate
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # small models, trained in this process
+
+
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}  # see the one_thread fixture
+
+
 def herd(*args, timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
     r = subprocess.run([sys.executable, "-m", "herd", *map(str, args)], capture_output=True, text=True,
-                       timeout=timeout)
+                       timeout=timeout, env=ONE_THREAD)
     if check:
         assert r.returncode == 0, r.stderr[-3000:]
     return r
+
+
+def herd_here(*args) -> tuple[int, str]:
+    """`herd ARGS` in this process (no interpreter start-up to pay): (exit status, stderr)."""
+    from herd.cli import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main([str(a) for a in args])
+    return code, err.getvalue()
 
 
 def metrics(run_dir) -> list[dict]:
@@ -54,17 +73,24 @@ def shakespeare(tmp_path_factory):
 TINY = ["--dim", 64, "--n-layers", 2, "--n-heads", 4, "--n-kv-heads", 2, "--seq-len", 64, "--no-progress"]
 
 
-def test_pretraining_beats_the_unigram_baseline_and_generate_loads_the_model(shakespeare, tmp_path):
+@pytest.mark.parametrize("shape,steps,margin", [
+    pytest.param(["--dim", 64, "--n-layers", 2, "--n-heads", 4, "--seq-len", 64, "--batch-size", 16], 200, 1.0,
+                 id="small"),
+    pytest.param(["--dim", 128, "--n-layers", 4, "--n-heads", 4, "--seq-len", 128, "--batch-size", 16], 150, 1.2,
+                 id="larger", marks=pytest.mark.slow),
+])
+def test_pretraining_beats_the_unigram_baseline_and_generate_loads_the_model(shakespeare, tmp_path, shape, steps,
+                                                                            margin):
     out = tmp_path / "run"
-    herd("pretrain", "--data", shakespeare, "-o", out, "--dim", 128, "--n-layers", 4, "--n-heads", 4,
-         "--seq-len", 128, "--batch-size", 16, "--steps", 150, "--lr", 3e-3, "--min-lr", 3e-4, "--warmup", 15,
-         "--eval-every", 75, "--eval-batches", 8, "--no-progress")
+    assert herd_here("pretrain", "--data", shakespeare, "-o", out, *shape, "--steps", steps, "--lr", 3e-3,
+                     "--min-lr", 3e-4, "--warmup", 15, "--eval-every", steps // 2, "--eval-batches", 8,
+                     "--no-progress")[0] == 0
     log = metrics(out)
     baseline = log[0]["unigram_val_loss"]
     final = log[-1]["val_loss"]
-    print(f"unigram baseline {baseline:.3f} nats/token, validation loss after 150 steps {final:.3f}")
+    print(f"unigram baseline {baseline:.3f} nats/token, validation loss after {steps} steps {final:.3f}")
     assert 4.5 < baseline < 5.5  # the 512-piece vocabulary's unigram entropy on the held-out 10%
-    assert final < baseline - 1.2
+    assert final < baseline - margin
     assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
     r = herd("generate", "-m", out / "model", "-t", 0.8, "--seed", 1, "-n", 40, "ROMEO:")
     assert len(r.stdout.split()) > 10
@@ -76,7 +102,7 @@ def test_a_run_killed_with_sigkill_resumes_bit_identical(shakespeare, tmp_path):
     herd(*args, "-o", tmp_path / "whole")
     killed = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "herd", *map(str, args), "-o", killed], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+                            stderr=subprocess.DEVNULL, env=ONE_THREAD)
     deadline = time.time() + 300
     while not (killed / "checkpoints" / "step-00000020").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)
@@ -95,13 +121,13 @@ def test_a_recipe_file_sets_options_and_flags_override_it(shakespeare, tmp_path)
     recipe.write_text(f"data: {shakespeare}\nsteps: 3\nbatch-size: 2\nseq_len: 32\ndim: 32\nn-heads: 2\n"
                       "n_layers: 1\nlr: 0.5\nprogress: false\n")
     out = tmp_path / "run"
-    herd("pretrain", "--config", recipe, "-o", out, "--lr", 0.01)
+    assert herd_here("pretrain", "--config", recipe, "-o", out, "--lr", 0.01)[0] == 0
     config = json.loads((out / "config.json").read_text())
     assert config["steps"] == 3 and config["seq_len"] == 32 and config["lr"] == 0.01
     assert json.loads((out / "model" / "config.json").read_text())["hidden_size"] == 32
     (tmp_path / "run.toml").write_text('steps = 3\nlearning_rate = 0.1\n')
-    r = herd("pretrain", "--config", tmp_path / "run.toml", "-o", out, check=False)
-    assert r.returncode == 2 and "unknown option(s) learning_rate" in r.stderr
+    code, err = herd_here("pretrain", "--config", tmp_path / "run.toml", "-o", out)
+    assert code == 2 and "unknown option(s) learning_rate" in err
 
 
 @pytest.mark.parametrize("args,message", [
@@ -113,20 +139,21 @@ def test_a_recipe_file_sets_options_and_flags_override_it(shakespeare, tmp_path)
      "not linear layers"),
     (["train-tokenizer", "{tmp}/none.txt", "-o", "{tmp}/t"], "no such file"),
     (["prepare-data", "{tmp}/none.txt", "-o", "{tmp}/t", "--tokenizer", "{tmp}"], "no tokenizer.json"),
+    (["serve", "--lora", "mascot", "-m", "{tmp}"], "expected NAME=PATH"),
 ])
 def test_bad_training_input_is_a_one_line_error(shakespeare, tmp_path, args, message):
-    r = herd(*(a.format(tmp=tmp_path, data=shakespeare) for a in args), check=False)
-    assert r.returncode == 2, r.stderr
-    assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    code, err = herd_here(*(a.format(tmp=tmp_path, data=shakespeare) for a in args))
+    assert code == 2, err
+    assert message in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_an_output_directory_with_checkpoints_needs_resume(shakespeare, tmp_path):
     args = ["pretrain", "--data", shakespeare, *TINY, "--steps", 2, "--batch-size", 2, "-o", tmp_path]
-    herd(*args)
-    r = herd(*args, check=False)
-    assert r.returncode == 2 and "pass --resume" in r.stderr
-    r = herd(*args, "--resume", check=False)
-    assert r.returncode == 2 and "already trained to step 2" in r.stderr
+    assert herd_here(*args)[0] == 0
+    code, err = herd_here(*args)
+    assert code == 2 and "pass --resume" in err
+    code, err = herd_here(*args, "--resume")
+    assert code == 2 and "already trained to step 2" in err
 
 
 # ---- the loop itself, in process ----
