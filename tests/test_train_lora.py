@@ -267,7 +267,7 @@ def test_qlora_trains_in_less_memory_than_16_bit_lora(tmp_path, shared):
         # buffers are returned at once and the peak counts live memory (the same for both runs).
         r = subprocess.run([sys.executable, "-c", MEMORY_RUN, str(tmp_path / "base"), str(tmp_path / "data.jsonl"),
                             str(out), mode, str(steps)], capture_output=True, text=True, timeout=600,
-                           env={**os.environ, "MALLOC_MMAP_THRESHOLD_": str(2**20)})
+                           env={**os.environ, "MALLOC_MMAP_THRESHOLD_": str(2**20), "OMP_NUM_THREADS": "1"})
         assert r.returncode == 0, r.stderr[-2000:]
         records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         peaks[mode] = max(rec["peak_mem_mb"] for rec in records)
