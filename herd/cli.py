@@ -129,7 +129,12 @@ def cmd_serve(args: argparse.Namespace) -> None:
     adapters = dict(_lora_spec(spec) for spec in args.lora or [])
     llm = load_llm(args)
     llm.load_adapters(adapters)
-    serve(llm, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("HERD_API_KEY"),
+    guard = None
+    if args.guard:
+        import herd
+
+        guard = herd.load(args.guard, dtype=args.dtype, device=args.device)
+    serve(llm, guard=guard, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("HERD_API_KEY"),
           max_batch=args.max_batch, ctx=args.ctx, max_queue=args.max_queue,
           kv_memory=None if args.kv_memory is None else int(args.kv_memory * 2**30))
 
@@ -278,6 +283,7 @@ def build_parser() -> Parser:
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 429 (default: 64)")
     p.add_argument("--lora", action="append", metavar="NAME=PATH",
                    help="serve a LoRA adapter (PEFT directory) as model NAME; repeatable")
+    p.add_argument("--guard", metavar="MODEL", help="a Llama Guard 3 model that screens every request and reply")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("infill", help="fill the gap between a prefix and a suffix (Code Llama)", description=(

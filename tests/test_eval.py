@@ -16,7 +16,7 @@ import torch
 import herd
 from herd.checkpoint import save_hf
 from herd.errors import HerdError
-from herd.eval import Item, multiple_choice, perplexity, read_items
+from herd.eval import multiple_choice, perplexity, read_items
 from herd.eval.perplexity import windows
 
 ITEMS = [

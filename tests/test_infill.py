@@ -122,3 +122,21 @@ def test_cli_infill(codellama, tmp_path):
     assert r.stdout == expected + "\n"
     r = run_herd("infill", "-m", str(tmp_path))
     assert r.returncode == 2 and "--prefix" in r.stderr
+
+
+def test_server_completions_with_suffix_infill(codellama):
+    import openai
+
+    from herd.engine import Engine
+    from herd.serve import create_app
+    from serving import running
+
+    tok, _ = codellama
+    torch.manual_seed(1)
+    cfg = ModelConfig(dim=32, n_layers=1, n_heads=2, vocab_size=32016, hidden_dim=64, max_seq_len=256)
+    llm = LLM(spread_init(Transformer(cfg)).eval(), tok, name="code")
+    expected = llm.infill("x = ", "\nprint(x)", max_tokens=6, temperature=0)
+    with running(create_app(Engine(llm, max_batch=2, ctx=128))) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none")
+        r = client.completions.create(model="code", prompt="x = ", suffix="\nprint(x)", max_tokens=6, temperature=0)
+        assert r.choices[0].text == expected

@@ -35,7 +35,8 @@ def test_bad_settings_are_one_line_errors(stories, capsys):
 
     for args, message in [(["--max-batch", "0"], "max_batch must be a positive integer"),
                           (["--kv-memory", "0.000001"], "holds no slot"),
-                          (["--kv-memory", "-1"], "--kv-memory must be > 0")]:
+                          (["--kv-memory", "-1"], "--kv-memory must be > 0"),
+                          (["--guard", "/no/such/guard"], "/no/such/guard")]:
         assert main(["serve", "-m", stories, "--port", str(free_port()), *args]) == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err

@@ -14,23 +14,29 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from herd.engine import Engine
-from herd.serve import errors, ollama_api, openai_api
+from herd.serve import errors, moderation, ollama_api, openai_api
 from herd.serve.service import Service
 
 OPEN_PATHS = {"/", "/health", "/favicon.ico", "/openapi.json", "/docs", "/redoc"}
 
 
 def create_app(engine: Engine, *, api_key: str | None = None, name: str | None = None,
-               max_body: int = 8 << 20) -> FastAPI:
+               max_body: int = 8 << 20, guard: Engine | None = None) -> FastAPI:
     """The app serving `engine`. `api_key`: every route but /, /health and the API docs needs
-    "Authorization: Bearer KEY". Bodies over `max_body` bytes get 413. On shutdown the engine
-    is stopped (requests still running are cancelled)."""
+    "Authorization: Bearer KEY". Bodies over `max_body` bytes get 413. `guard`: an engine running
+    a Llama Guard 3 model that screens every request and reply and answers /v1/moderations
+    (without one, /v1/moderations asks the served model, which must then be a guard model).
+    On shutdown the engines are stopped (requests still running are cancelled)."""
     svc = Service(engine, name)
+    moderator = moderation.Moderator(guard or engine, (guard.llm.name or "guard") if guard else svc.name)
+    svc.moderator = moderator if guard is not None else None
 
     @asynccontextmanager
     async def lifespan(app):
         yield
         engine.stop()
+        if guard is not None:
+            guard.stop()
 
     app = FastAPI(title="herd", version=_version(), lifespan=lifespan)
     app.state.service = svc
@@ -38,7 +44,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, name: str | None =
     key = api_key.encode() if api_key else None
 
     @app.middleware("http")
-    async def guard(request: Request, call_next):
+    async def check_key(request: Request, call_next):
         path = request.url.path
         if key is not None and path not in OPEN_PATHS:
             given = request.headers.get("authorization", "")
@@ -51,6 +57,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, name: str | None =
     app.add_middleware(BodyLimit, limit=max_body)
     app.include_router(openai_api.router(svc))
     app.include_router(ollama_api.router(svc))
+    app.include_router(moderation.router(moderator))
 
     @app.get("/health")
     async def health():
@@ -112,15 +119,17 @@ class BodyLimit:
 
 def serve(llm, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, max_batch: int = 8,
           ctx: int | None = None, kv_memory: int | None = None, max_queue: int = 64,
-          drain_timeout: float = 30.0) -> None:
+          drain_timeout: float = 30.0, guard=None) -> None:
     """Run the server until interrupted. On SIGINT/SIGTERM it stops accepting connections,
-    lets running requests finish for up to `drain_timeout` seconds, cancels the rest and exits."""
+    lets running requests finish for up to `drain_timeout` seconds, cancels the rest and exits.
+    `guard`: an LLM (Llama Guard 3) that screens requests and replies."""
     import uvicorn
 
     # uvicorn re-raises SIGTERM once it has drained; exit with status 0 then, not "killed by a signal".
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     engine = Engine(llm, max_batch=max_batch, ctx=ctx, kv_memory=kv_memory, max_queue=max_queue)
-    app = create_app(engine, api_key=api_key)
+    guard_engine = None if guard is None else Engine(guard, max_batch=2, max_queue=max_queue)
+    app = create_app(engine, api_key=api_key, guard=guard_engine)
     print(f"herd: serving {app.state.service.name} on http://{host}:{port} ({engine.n_slots} slots x "
           f"{engine.ctx} tokens, KV cache {engine.kv_bytes / 2**20:.0f} MiB)", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=drain_timeout)

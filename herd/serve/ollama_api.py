@@ -48,7 +48,11 @@ def router(svc: Service) -> APIRouter:
             presence_penalty=o.presence_penalty or 0.0, frequency_penalty=o.frequency_penalty or 0.0,
             json_schema=schema)
 
-    async def respond(ids: list[int], body, chat: bool, http: Request, shape):
+    async def respond(ids: list[int], body, chat: bool, http: Request, shape, messages: list[dict]):
+        """Run one request; `messages` is the conversation as the guard (if any) screens it."""
+        guard = svc.moderator
+        if guard is not None:
+            await guard.screen(messages)
         try:
             request = svc.request(ids, params(body.options, body.format, len(ids)), chat=chat,
                                   adapter=svc.check_model(body.model))
@@ -74,16 +78,29 @@ def router(svc: Service) -> APIRouter:
 
         if body.stream:
             async def lines():
-                n_out = 0
+                n_out, held = 0, ""  # with a guard, the reply is held until screened
                 async for _, ev, _ in all_events():
                     if ev.finish_reason == "error":
                         yield json.dumps({"error": f"generation failed: {ev.error}"}) + "\n"
                         return
                     n_out += len(ev.tokens)
-                    if ev.text:
+                    if guard is not None:
+                        held += ev.text
+                    elif ev.text:
                         yield json.dumps({**shape(ev.text), "done": False}) + "\n"
                     if ev.finish_reason:
-                        yield json.dumps(final(ev.finish_reason, n_out, "")) + "\n"
+                        reason = ev.finish_reason
+                        if guard is not None:
+                            try:
+                                flagged = await guard.flags_reply(messages, held)
+                            except APIError as e:
+                                yield json.dumps({"error": e.message}) + "\n"
+                                return
+                            if flagged:
+                                reason = "content_filter"
+                            elif held:
+                                yield json.dumps({**shape(held), "done": False}) + "\n"
+                        yield json.dumps(final(reason, n_out, "")) + "\n"
 
             return StreamingResponse(lines(), media_type="application/x-ndjson")
         text, n_out, reason = "", 0, "stop"
@@ -93,6 +110,8 @@ def router(svc: Service) -> APIRouter:
             text += ev.text
             n_out += len(ev.tokens)
             reason = ev.finish_reason or reason
+        if guard is not None and await guard.flags_reply(messages, text):
+            text, reason = "", "content_filter"
         return final(reason, n_out, text)
 
     @r.post("/api/generate")
@@ -100,17 +119,18 @@ def router(svc: Service) -> APIRouter:
         check(body.model)
         if not body.prompt and not body.system:
             return {"model": body.model, "created_at": _now(), "response": "", "done": True, "done_reason": "load"}
+        system = [{"role": "system", "content": body.system}] if body.system else []
+        messages = system + [{"role": "user", "content": body.prompt}]
         try:
             if body.raw or svc.llm.chat_format is None:
                 ids = svc.llm.encode(body.prompt)
             else:
-                system = [{"role": "system", "content": body.system}] if body.system else []
-                ids = svc.chat_ids(system + [{"role": "user", "content": body.prompt}])
+                ids = svc.chat_ids(messages)
         except HerdError as e:
             raise from_herd_error(e) from None
         chat = not body.raw and svc.llm.chat_format is not None
         return await respond(ids, body, chat, http,
-                             lambda text: {"model": body.model, "created_at": _now(), "response": text})
+                             lambda text: {"model": body.model, "created_at": _now(), "response": text}, messages)
 
     @r.post("/api/chat")
     async def chat(body: OllamaChat, http: Request):
@@ -118,12 +138,13 @@ def router(svc: Service) -> APIRouter:
         if not body.messages:
             return {"model": body.model, "created_at": _now(), "message": {"role": "assistant", "content": ""},
                     "done": True, "done_reason": "load"}
+        messages = svc.normalize_messages([m.model_dump() for m in body.messages])
         try:
-            ids = svc.chat_ids(svc.normalize_messages([m.model_dump() for m in body.messages]))
+            ids = svc.chat_ids(messages)
         except HerdError as e:
             raise from_herd_error(e) from None
         return await respond(ids, body, True, http, lambda text: {
-            "model": body.model, "created_at": _now(), "message": {"role": "assistant", "content": text}})
+            "model": body.model, "created_at": _now(), "message": {"role": "assistant", "content": text}}, messages)
 
     @r.get("/api/tags")
     async def tags():

@@ -92,6 +92,8 @@ def router(svc: Service) -> APIRouter:
         if choice not in ("none", "auto"):
             schema = toolcalls.call_schema(called)
         calling = called if choice != "none" else []
+        if svc.moderator is not None:
+            await svc.moderator.screen(messages)
         try:
             ids = svc.chat_ids(messages, [{"type": "function", "function": f} for f in functions] or None)
             logprobs = (body.top_logprobs or 0) if body.logprobs else None
@@ -105,9 +107,9 @@ def router(svc: Service) -> APIRouter:
         events = submit_all(requests, http, body.stream)
         if body.stream:
             first = await _first_or_error(events)
-            return StreamingResponse(_chat_stream(svc, events, first, head, body, calling, len(ids)),
+            return StreamingResponse(_chat_stream(svc, events, first, head, body, calling, len(ids), messages),
                                      media_type="text/event-stream")
-        return await _chat_reply(svc, events, head, body, calling, len(ids))
+        return await _chat_reply(svc, events, head, body, calling, len(ids), messages)
 
     # ---- completions ------------------------------------------------------------------------
 
@@ -116,10 +118,19 @@ def router(svc: Service) -> APIRouter:
         adapter = svc.check_model(body.model)
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         schema = json_schema_of(body.response_format)
+        if svc.moderator is not None:
+            for p in prompts:
+                await svc.moderator.screen([{"role": "user", "content": p}])
         try:
-            encoded = [svc.llm.encode(p) for p in prompts]
+            if body.suffix is not None:  # Code Llama infilling: the model writes what goes between
+                encoded = [svc.llm.encode_infill(p, body.suffix) for p in prompts]
+                stop = svc.llm.infill_stop_ids()
+            else:
+                encoded = [svc.llm.encode(p) for p in prompts]
+                stop = None
             requests = [svc.request(ids, params_for(body, body.max_tokens, schema, i), chat=False, logprobs=body.logprobs,
-                                    adapter=adapter) for ids in encoded for i in range(body.n)]
+                                    stop_ids=stop, adapter=adapter)
+                        for ids in encoded for i in range(body.n)]
         except HerdError as e:
             raise from_herd_error(e) from None
         n_prompt = sum(len(ids) for ids in encoded)
@@ -132,16 +143,14 @@ def router(svc: Service) -> APIRouter:
             echoes = [prompts[k // body.n] if body.echo else "" for k in range(len(requests))]
             return StreamingResponse(_completion_stream(svc, events, first, head, body, n_prompt, echoes),
                                      media_type="text/event-stream")
-        texts = [prompts[k // body.n] if body.echo else "" for k in range(len(requests))]
-        lps: list[list] = [[] for _ in requests]
-        reasons = [None] * len(requests)
-        completion = 0
-        async for i, ev, _ in events:
-            _raise_engine_error(ev)
-            texts[i] += ev.text
-            lps[i] += ev.logprobs or []
-            completion += len(ev.tokens)
-            reasons[i] = ev.finish_reason or reasons[i]
+        texts, lps, reasons, completion = await _collect(events, len(requests))
+        if body.echo:
+            texts = [prompts[k // body.n] + text for k, text in enumerate(texts)]
+        if svc.moderator is not None:
+            for i in range(len(requests)):
+                prompt = prompts[i // body.n]
+                if await svc.moderator.flags_reply([{"role": "user", "content": prompt}], texts[i][len(prompt) if body.echo else 0:]):
+                    texts[i], reasons[i], lps[i] = "", "content_filter", []
         choices = [{"index": i, "text": texts[i], "finish_reason": reasons[i],
                     "logprobs": _completion_logprobs(svc, lps[i], len(prompts[i // body.n]) if body.echo else 0)
                     if body.logprobs is not None else None}
@@ -163,6 +172,21 @@ async def _first_or_error(events):
 def _raise_engine_error(ev: Event) -> None:
     if ev.finish_reason == "error":
         raise APIError(500, f"generation failed: {ev.error}")
+
+
+async def _collect(events, n: int):
+    """Run `n` choices to the end: their texts, log-probabilities, finish reasons, and the
+    number of tokens generated in all."""
+    texts, reasons = [""] * n, [None] * n
+    lps: list[list] = [[] for _ in range(n)]
+    completion = 0
+    async for i, ev, _ in events:
+        _raise_engine_error(ev)
+        texts[i] += ev.text
+        lps[i] += ev.logprobs or []
+        completion += len(ev.tokens)
+        reasons[i] = ev.finish_reason or reasons[i]
+    return texts, lps, reasons, completion
 
 
 def _chat_logprobs(svc: Service, lps) -> dict:
@@ -192,31 +216,27 @@ def _tool_message(text: str, tools: list[dict]) -> tuple[dict, bool]:
     return message, bool(calls)
 
 
-async def _chat_reply(svc, events, head, body: ChatCompletionRequest, tools, n_prompt) -> dict:
+async def _chat_reply(svc, events, head, body: ChatCompletionRequest, tools, n_prompt, messages) -> dict:
     n = body.n
-    texts, reasons = [""] * n, [None] * n
-    lps: list[list] = [[] for _ in range(n)]
-    completion = 0
-    async for i, ev, _ in events:
-        _raise_engine_error(ev)
-        texts[i] += ev.text
-        lps[i] += ev.logprobs or []
-        completion += len(ev.tokens)
-        reasons[i] = ev.finish_reason or reasons[i]
+    texts, lps, reasons, completion = await _collect(events, n)
     choices = []
     for i in range(n):
         message, called = _tool_message(texts[i], tools)
         reason = "tool_calls" if called and reasons[i] == "stop" else reasons[i]
+        if svc.moderator is not None and await svc.moderator.flags_reply(messages, texts[i]):
+            message, reason, lps[i] = {"role": "assistant", "content": "", "refusal": None}, "content_filter", []
         choices.append({"index": i, "message": message, "finish_reason": reason,
                         "logprobs": _chat_logprobs(svc, lps[i]) if body.logprobs else None})
     return {**head, "object": "chat.completion", "choices": choices, "usage": usage(n_prompt, completion)}
 
 
-async def _chat_stream(svc, events, first, head, body: ChatCompletionRequest, tools, n_prompt):
+async def _chat_stream(svc, events, first, head, body: ChatCompletionRequest, tools, n_prompt, messages):
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     extra = {"usage": None} if include_usage else {}
     completion = 0
-    buffered = [""] * body.n  # with tools, a reply is held until it is known to be a call or not
+    # With tools, a reply is held until it is known to be a call or not; with a guard, until screened.
+    hold = bool(tools) or svc.moderator is not None
+    buffered = [""] * body.n
 
     def chunk(i, delta, reason=None, logprobs=None):
         return sse({**head, "choices": [{"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": reason}],
@@ -233,13 +253,20 @@ async def _chat_stream(svc, events, first, head, body: ChatCompletionRequest, to
             break
         completion += len(ev.tokens)
         logprobs = _chat_logprobs(svc, ev.logprobs) if body.logprobs and ev.logprobs else None
-        if tools:
+        if hold:
             buffered[i] += ev.text
         elif ev.text or logprobs:
             yield chunk(i, {"content": ev.text}, logprobs=logprobs)
         if ev.finish_reason:
             reason = ev.finish_reason
-            if tools:
+            try:
+                flagged = svc.moderator is not None and await svc.moderator.flags_reply(messages, buffered[i])
+            except APIError as e:
+                yield sse({"error": {"message": e.message, "type": "server_error", "param": None, "code": e.code}})
+                break
+            if flagged:
+                reason = "content_filter"
+            elif hold:
                 message, called = _tool_message(buffered[i], tools)
                 if called:
                     calls = [{"index": 0, **c} for c in message["tool_calls"]]

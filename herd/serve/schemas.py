@@ -109,6 +109,7 @@ class CompletionRequest(Sampling):
     max_tokens: int | None = Field(16, ge=1)
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
+    suffix: str | None = None  # Code Llama models: fill the gap between prompt and suffix
     response_format: ResponseFormat | None = None
 
 

@@ -13,8 +13,9 @@ from herd.serve.errors import APIError
 
 
 class Service:
-    def __init__(self, engine: Engine, name: str | None = None):
+    def __init__(self, engine: Engine, name: str | None = None, moderator=None):
         self.engine = engine
+        self.moderator = moderator  # a serve.moderation.Moderator screening requests and replies, or None
         self.llm = engine.llm
         self.name = name or self.llm.name or "herd"
         self.created = int(time.time())
@@ -56,8 +57,8 @@ class Service:
         return out
 
     def request(self, prompt_ids: list[int], params: SamplingParams, chat: bool, logprobs: int | None = None,
-                adapter: str | None = None) -> Request:
-        stop = set(self.llm.eos_ids)
+                stop_ids: set[int] | None = None, adapter: str | None = None) -> Request:
+        stop = set(self.llm.eos_ids) if stop_ids is None else set(stop_ids)
         if chat:
             stop |= self.llm.chat_format.stop_ids(self.llm.tokenizer)
         return Request(prompt_ids, params, stop, on_event=lambda ev: None, logprobs=logprobs, adapter=adapter)
