@@ -142,7 +142,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     if args.kv_memory is not None and args.kv_memory <= 0:
         raise HerdError(f"--kv-memory must be > 0 GiB, got {args.kv_memory}")
+    adapters = dict(_lora_spec(spec) for spec in args.lora or [])
     llm = load_llm(args)
+    llm.load_adapters(adapters)
     guard = None
     if args.guard:
         import herd
@@ -151,6 +153,13 @@ def cmd_serve(args: argparse.Namespace) -> None:
     serve(llm, guard=guard, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("HERD_API_KEY"),
           max_batch=args.max_batch, ctx=args.ctx, max_queue=args.max_queue,
           kv_memory=None if args.kv_memory is None else int(args.kv_memory * 2**30))
+
+
+def _lora_spec(spec: str) -> tuple[str, str]:
+    name, sep, path = spec.partition("=")
+    if not sep or not name or not path:
+        raise HerdError(f"--lora {spec!r}: expected NAME=PATH (a PEFT adapter directory)")
+    return name, path
 
 
 def cmd_infill(args: argparse.Namespace) -> None:
@@ -306,6 +315,8 @@ def build_parser() -> Parser:
     p.add_argument("--ctx", type=int, help="context per request in tokens (default: the model's, at most 4096)")
     p.add_argument("--kv-memory", type=float, help="KV cache budget in GiB; fewer slots than --max-batch if needed")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 429 (default: 64)")
+    p.add_argument("--lora", action="append", metavar="NAME=PATH",
+                   help="serve a LoRA adapter (PEFT directory) as model NAME; repeatable")
     p.add_argument("--guard", metavar="MODEL", help="a Llama Guard 3 model that screens every request and reply")
     p.set_defaults(func=cmd_serve)
 
@@ -401,6 +412,10 @@ def build_parser() -> Parser:
     p = sub.add_parser("rm", help="remove models from the store", description="Remove models from the store.")
     p.add_argument("names", nargs="+", metavar="NAME")
     p.set_defaults(func=cmd_rm)
+
+    from herd.train.commands import add_commands  # train-tokenizer, prepare-data, pretrain, finetune
+
+    add_commands(sub)
     return parser
 
 

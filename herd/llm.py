@@ -31,6 +31,15 @@ class LLM:
         self.name = name
         self.drafter = None  # speculative decoding of single prompts, see speculate()
         self.draft_tokens = 5
+        self.adapters: list[str] = []  # LoRA adapters loaded onto the model, picked per request
+
+    def load_adapters(self, paths: dict[str, str | Path]) -> None:
+        """Load PEFT LoRA adapters (name -> directory) onto the model; none applies until a
+        request names one (`Request.adapter` of the serving engine)."""
+        from herd.train.lora import load_adapters
+
+        load_adapters(self.model, paths)
+        self.adapters += list(paths)
 
     @property
     def config(self) -> ModelConfig:

@@ -83,3 +83,13 @@ def smollm2_llm(smollm2_gguf):
     import herd
 
     return herd.load(smollm2_gguf)
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for tiny models: on a shared machine a second thread mostly waits for
+    a core, and tiny matrix products gain nothing from it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

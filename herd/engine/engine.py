@@ -66,6 +66,7 @@ class Request:
     stop_ids: set[int]
     on_event: Callable[[Event], None]  # called from the engine thread; must not block
     logprobs: int | None = None  # None: none; 0: the sampled token's; k: and the k likeliest
+    adapter: str | None = None  # the LoRA adapter (herd.train.lora) to decode with; None: the base model
 
 
 @dataclass(eq=False)
@@ -118,6 +119,7 @@ class Engine:
         self.kv_bytes = per_slot * slots
         self.metrics = EngineMetrics()
         self._slot_prompt: list[list[int]] = [[] for _ in range(slots)]  # tokens whose KV a slot holds
+        self._slot_adapter: list[str | None] = [None] * slots  # and the adapter that computed them
         self._slot_used = [0.0] * slots
         self._free = set(range(slots))
         self._waiting: collections.deque[Handle] = collections.deque()
@@ -204,22 +206,23 @@ class Engine:
             self._finish(h, None)
         while self._waiting and self._free:
             h = self._waiting.popleft()
-            slot, reuse = self._pick_slot(h.seq.prompt_ids)
+            slot, reuse = self._pick_slot(h.seq.prompt_ids, h.request.adapter)
             self._free.remove(slot)
             self._slot_prompt[slot] = self._slot_prompt[slot][:reuse]
+            self._slot_adapter[slot] = h.request.adapter
             h.slot, h.prefilled = slot, reuse
             self._active.append(h)
             self.metrics.prefix_reused.inc(reuse)
         self.metrics.queue_depth.set(len(self._waiting))
         self.metrics.running.set(len(self._active))
 
-    def _pick_slot(self, prompt: list[int]) -> tuple[int, int]:
+    def _pick_slot(self, prompt: list[int], adapter: str | None) -> tuple[int, int]:
         """The free slot holding the longest usable prefix of `prompt` (least recently used on a
         tie) and that prefix's length: whole chunks only, and never the last prompt token, whose
-        logits are needed."""
+        logits are needed. Keys computed under another adapter are not reused."""
         best, best_reuse = None, -1
         for s in sorted(self._free, key=lambda s: self._slot_used[s]):
-            held = self._slot_prompt[s]
+            held = self._slot_prompt[s] if self._slot_adapter[s] == adapter else []
             common = 0
             for a, b in zip(held, prompt[: len(prompt) - 1]):
                 if a != b:
@@ -239,6 +242,7 @@ class Engine:
                 start = h.prefilled
                 end = min(start - start % self.prefill_chunk + self.prefill_chunk, len(prompt))
                 tokens = torch.tensor([prompt[start:end]], device=device)
+                self._select_adapters([h])
                 logits = model(tokens, torch.arange(start, end, device=device), self.cache.rows([h.slot]),
                                logits_at=torch.tensor([end - start - 1], device=device))
                 h.prefilled, budget = end, budget - (end - start)
@@ -260,10 +264,19 @@ class Engine:
         device = self.cache.k.device
         tokens = torch.tensor([[h.seq.output_ids[-1]] for h in padded], device=device)
         positions = torch.tensor([[len(h.seq.prompt_ids) + len(h.seq.output_ids) - 1] for h in padded], device=device)
+        self._select_adapters(padded)
         logits = self.llm.model(tokens, positions, self.cache.rows([h.slot for h in padded], n))[:n, 0]
         self.metrics.batch_size.observe(n)
         for h, row in zip(rows, logits):
             self._sample(h, row)
+
+    def _select_adapters(self, rows: list[Handle]) -> None:
+        """Each row of the next forward pass decodes with its request's adapter (when the model
+        has adapters loaded: `herd serve --lora`)."""
+        if self.llm.adapters:
+            from herd.train.lora import set_adapters
+
+            set_adapters(self.llm.model, [h.request.adapter for h in rows])
 
     def _sample(self, h: Handle, logits: torch.Tensor) -> None:
         seq = h.seq

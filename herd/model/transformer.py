@@ -164,6 +164,7 @@ class Transformer(nn.Module):
         input_pos: torch.Tensor | None = None,
         cache: KVCache | None = None,
         logits_at: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits [B, T, vocab] for tokens [B, T].
 
@@ -173,6 +174,9 @@ class Transformer(nn.Module):
             attended). Without a cache, attention is plainly causal.
         logits_at: [B] index of the one position per row whose logits are wanted (prefill);
             the result is then [B, 1, vocab].
+        doc_ids: [B, T] document of each token, for training on packed sequences without a
+            cache: a token attends only to earlier tokens of its own document (give input_pos
+            restarting at 0 for each document).
         """
         if cache is not None and self.fast_forward is not None:
             logits = self.fast_forward(self, tokens, input_pos, cache, logits_at)
@@ -192,10 +196,15 @@ class Transformer(nn.Module):
                 raise ValueError(f"position {kv_len - 1} is beyond the KV cache length {cache.max_seq_len}")
             key_pos = torch.arange(kv_len, device=tokens.device)
             mask = (key_pos <= input_pos.unsqueeze(-1)).unsqueeze(1)  # [B, 1, T, kv_len]
+        elif doc_ids is not None:
+            causal = torch.ones(T, T, dtype=torch.bool, device=tokens.device).tril()
+            mask = ((doc_ids.unsqueeze(-1) == doc_ids.unsqueeze(-2)) & causal).unsqueeze(1)  # [B, 1, T, T]
         chunk = self.config.attention_chunk_size
         if chunk is not None:  # causal within chunks of `chunk` positions
             query_pos = input_pos.unsqueeze(-1)
             local_mask = ((key_pos <= query_pos) & (key_pos // chunk == query_pos // chunk)).unsqueeze(1)
+            if mask is not None and cache is None:  # packed documents: and within the document
+                local_mask = local_mask & mask
         x = self.tok_embeddings(tokens)
         for layer in self.layers:
             x = layer(x, cos, sin, cache, input_pos, local_mask if layer.attention.chunked else mask)

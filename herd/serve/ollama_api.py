@@ -55,7 +55,8 @@ def router(svc: Service) -> APIRouter:
         if guard is not None:
             await guard.screen(messages)
         try:
-            request = svc.request(ids, params(body.options, body.format, len(ids)), chat=chat)
+            request = svc.request(ids, params(body.options, body.format, len(ids)), chat=chat,
+                                  adapter=svc.check_model(body.model))
         except HerdError as e:
             raise from_herd_error(e) from None
         start = time.perf_counter_ns()

@@ -58,17 +58,16 @@ def sse(data) -> str:
 def router(svc: Service) -> APIRouter:
     r = APIRouter()
 
-    def model_card() -> dict:
-        return {"id": svc.name, "object": "model", "created": svc.created, "owned_by": "herd"}
+    def model_card(name: str) -> dict:
+        return {"id": name, "object": "model", "created": svc.created, "owned_by": "herd"}
 
     @r.get("/v1/models")
     async def list_models():
-        return {"object": "list", "data": [model_card()]}
+        return {"object": "list", "data": [model_card(name) for name in svc.models]}
 
     @r.get("/v1/models/{model_id:path}")
     async def get_model(model_id: str):
-        svc.check_model(model_id)
-        return model_card()
+        return model_card(svc.check_model(model_id) or svc.name)
 
     def submit_all(requests, http: Request, stream: bool):
         return run_requests(svc.engine, requests, None if stream else http.is_disconnected)
@@ -77,7 +76,7 @@ def router(svc: Service) -> APIRouter:
 
     @r.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, http: Request):
-        svc.check_model(body.model)
+        adapter = svc.check_model(body.model)
         messages = svc.normalize_messages([m.model_dump(exclude_none=True) for m in body.messages])
         functions = [t.function.model_dump(exclude_none=True) for t in body.tools or []]
         choice = body.tool_choice or ("auto" if functions else "none")
@@ -99,11 +98,11 @@ def router(svc: Service) -> APIRouter:
             ids = svc.chat_ids(messages, [{"type": "function", "function": f} for f in functions] or None)
             logprobs = (body.top_logprobs or 0) if body.logprobs else None
             requests = [svc.request(ids, params_for(body, body.max_completion_tokens or body.max_tokens, schema, i),
-                                    chat=True, logprobs=logprobs) for i in range(body.n)]
+                                    chat=True, logprobs=logprobs, adapter=adapter) for i in range(body.n)]
         except HerdError as e:
             raise from_herd_error(e) from None
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": svc.name,
+        head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": adapter or svc.name,
                 "system_fingerprint": "herd"}
         events = submit_all(requests, http, body.stream)
         if body.stream:
@@ -116,7 +115,7 @@ def router(svc: Service) -> APIRouter:
 
     @r.post("/v1/completions")
     async def completions(body: CompletionRequest, http: Request):
-        svc.check_model(body.model)
+        adapter = svc.check_model(body.model)
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         schema = json_schema_of(body.response_format)
         if svc.moderator is not None:
@@ -130,13 +129,13 @@ def router(svc: Service) -> APIRouter:
                 encoded = [svc.llm.encode(p) for p in prompts]
                 stop = None
             requests = [svc.request(ids, params_for(body, body.max_tokens, schema, i), chat=False, logprobs=body.logprobs,
-                                    stop_ids=stop)
+                                    stop_ids=stop, adapter=adapter)
                         for ids in encoded for i in range(body.n)]
         except HerdError as e:
             raise from_herd_error(e) from None
         n_prompt = sum(len(ids) for ids in encoded)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        head = {"id": rid, "object": "text_completion", "created": created, "model": svc.name,
+        head = {"id": rid, "object": "text_completion", "created": created, "model": adapter or svc.name,
                 "system_fingerprint": "herd"}
         events = submit_all(requests, http, body.stream)
         if body.stream:

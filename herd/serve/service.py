@@ -21,10 +21,20 @@ class Service:
         self.created = int(time.time())
         self._token_bytes: list[bytes] | None = None
 
-    def check_model(self, model: str) -> None:
-        if model not in (self.name, f"{self.name}:latest"):
-            raise APIError(404, f"model {model!r} does not exist; this server serves {self.name!r}",
-                           param="model", code="model_not_found")
+    @property
+    def models(self) -> list[str]:
+        """The served model names: the base model and each LoRA adapter (`herd serve --lora`)."""
+        return [self.name, *self.llm.adapters]
+
+    def check_model(self, model: str) -> str | None:
+        """The adapter a request for `model` decodes with (None: the base model)."""
+        name = model.removesuffix(":latest")
+        if name in self.llm.adapters:
+            return name
+        if name != self.name:
+            raise APIError(404, f"model {model!r} does not exist; this server serves "
+                                f"{', '.join(map(repr, self.models))}", param="model", code="model_not_found")
+        return None
 
     def chat_ids(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         """The prompt of a chat, with `tools` (OpenAI-shaped) offered to the model."""
@@ -47,11 +57,11 @@ class Service:
         return out
 
     def request(self, prompt_ids: list[int], params: SamplingParams, chat: bool, logprobs: int | None = None,
-                stop_ids: set[int] | None = None) -> Request:
+                stop_ids: set[int] | None = None, adapter: str | None = None) -> Request:
         stop = set(self.llm.eos_ids) if stop_ids is None else set(stop_ids)
         if chat:
             stop |= self.llm.chat_format.stop_ids(self.llm.tokenizer)
-        return Request(prompt_ids, params, stop, on_event=lambda ev: None, logprobs=logprobs)
+        return Request(prompt_ids, params, stop, on_event=lambda ev: None, logprobs=logprobs, adapter=adapter)
 
     def token_text(self, token: int) -> str:
         return self.llm.tokenizer.decode([token])

@@ -3,8 +3,11 @@ which library is underneath."""
 
 from __future__ import annotations
 
+import json
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from pathlib import Path
 
 from herd.errors import HerdError
 
@@ -47,6 +50,27 @@ class Tokenizer(ABC):
 
     @abstractmethod
     def _decode(self, ids: list[int]) -> str: ...
+
+    @abstractmethod
+    def _model_file(self) -> tuple[str, bytes]:
+        """(file name, content) of the vocabulary file `load_tokenizer` reads back."""
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write this tokenizer into `directory` as `load_tokenizer(directory)` reads it back:
+        the vocabulary file and a tokenizer_config.json naming BOS/EOS, the BOS flag and the
+        chat template (trained models and fine-tunes carry their tokenizer this way)."""
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        name, data = self._model_file()
+        (out / name).write_bytes(data)
+        config = {
+            "bos_token": None if self._bos_id is None else self.decode([self._bos_id]),
+            "eos_token": None if self._eos_id is None else self.decode([self._eos_id]),
+            "add_bos_token": self._add_bos,
+            "chat_template": self.chat_template,
+        }
+        (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+        return out
 
     def encode(self, text: str, bos: bool = False, eos: bool = False, special: bool = False) -> list[int]:
         if not isinstance(text, str):

@@ -47,6 +47,9 @@ class HFTokenizer(Tokenizer):
     def _decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=False)
 
+    def _model_file(self) -> tuple[str, bytes]:
+        return "tokenizer.json", self._tok.to_str().encode("utf-8")
+
     def token_bytes(self) -> list[bytes]:
         """Byte-level vocabularies spell bytes as printable characters (GPT-2's table); others
         are SentencePiece-style, with U+2581 for a space and <0xNN> for byte fallback. Added

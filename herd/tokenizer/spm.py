@@ -70,6 +70,9 @@ class SentencePieceTokenizer(Tokenizer):
             ids += self._sp.encode(text[start:])
         return ids
 
+    def _model_file(self) -> tuple[str, bytes]:
+        return "tokenizer.model", self._sp.serialized_model_proto()
+
     def _decode(self, ids: list[int]) -> str:
         if not any(i in self._special_text for i in ids):
             return self._sp.decode(ids)

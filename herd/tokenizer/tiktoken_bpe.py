@@ -114,6 +114,7 @@ class TiktokenTokenizer(Tokenizer):
         if sorted(ranks.values()) != list(range(len(ranks))):
             raise HerdError(f"{source}: ranks are not the numbers 0..{len(ranks) - 1}")
         self.name, pattern, specials = known
+        self._ranks = ranks
         special_tokens = {t: len(ranks) + i for i, t in enumerate(specials())}
         self._enc = tiktoken.Encoding(
             name=self.name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=special_tokens
@@ -135,6 +136,10 @@ class TiktokenTokenizer(Tokenizer):
 
     def _decode(self, ids: list[int]) -> str:
         return self._enc.decode(ids)
+
+    def _model_file(self) -> tuple[str, bytes]:
+        lines = (base64.b64encode(token) + b" %d\n" % rank for token, rank in self._ranks.items())
+        return "tokenizer.model", b"".join(lines)
 
     def token_bytes(self) -> list[bytes]:
         return [self._enc.decode_single_token_bytes(i) for i in range(self.vocab_size)]
