@@ -14,21 +14,10 @@ import time
 
 import torch
 
+from herd.bench import bandwidth_gbs
 from herd.config import get_config
 from herd.generate import SamplingParams, Sequence, run_batch
 from herd.model import Transformer
-
-
-def bandwidth_gbs(nbytes: int = 1 << 30, repeats: int = 5) -> float:
-    """Memory bandwidth as read+write of a large tensor copy (best of a few)."""
-    src = torch.ones(nbytes // 4)
-    dst = torch.empty_like(src)
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        dst.copy_(src)
-        best = min(best, time.perf_counter() - t)
-    return 2 * nbytes / best / 1e9
 
 
 def bench_herd(model: Transformer, prompt: list[int], n_tokens: int) -> tuple[float, float]:

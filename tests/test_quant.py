@@ -10,6 +10,7 @@ import torch
 from gguf import GGMLQuantizationType as T
 from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize as gguf_quantize
+from conftest import require_shared
 from helpers import spread_init
 
 from herd.config import ModelConfig
@@ -199,3 +200,24 @@ def test_quantize_errors():
         quantize(_model(True), 3)
     with pytest.raises(HerdError, match="group size"):
         quantize(_model(True), 4, group_size=48)
+
+
+@pytest.mark.parametrize("source", ["stories260K.bin", "stories260K.gguf"])
+def test_quantize_command_writes_a_checkpoint_that_loads_packed(source, tmp_path, capsys):
+    """`herd quantize` on a llama2.c file (tokenizer file beside it) and on a GGUF (vocabulary
+    inside): the saved checkpoint loads packed, with its tokenizer, and generates exactly what the
+    same model quantized in memory generates; a second write to the same place is a one-line error."""
+    import herd
+    from herd.cli import main
+
+    src = require_shared("models", "stories260K", source)
+    dst = tmp_path / "q8"
+    assert main(["quantize", str(src), str(dst), "--bits", "8"]) == 0
+    saved = herd.load(str(dst))
+    assert any(isinstance(m, PackedLinear) for m in saved.model.modules())
+    fresh = herd.load(str(src), quantize="int8")
+    options = {"max_tokens": 24, "temperature": 0}
+    assert saved.generate("Once upon a time", **options) == fresh.generate("Once upon a time", **options)
+    capsys.readouterr()
+    assert main(["quantize", str(src), str(dst), "--bits", "8"]) == 2
+    assert "already exists" in capsys.readouterr().err

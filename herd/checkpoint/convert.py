@@ -38,6 +38,14 @@ def convert(src: str | Path, dst: str | Path, to: str, dtype: torch.dtype | None
     else:
         save_meta(ckpt.config, ckpt.state_dict, dst, progress=True)
 
+    copy_tokenizer_files(ckpt, dst)
+    return dst
+
+
+def copy_tokenizer_files(ckpt, dst: Path) -> bool:
+    """Copy the tokenizer files beside an HF/Meta checkpoint, or a llama2c one's tokenizer.model,
+    into `dst`; False for a format whose tokenizer is not in files (GGUF)."""
+    src = ckpt.path
     if ckpt.format in ("hf", "meta"):
         for name in TOKENIZER_FILES:
             if (src / name).is_file():
@@ -46,7 +54,9 @@ def convert(src: str | Path, dst: str | Path, to: str, dtype: torch.dtype | None
         found = tokenizer_file(src, ckpt.config.vocab_size)
         if found is not None:
             shutil.copyfile(found, dst / "tokenizer.model")
-    return dst
+    else:
+        return False
+    return True
 
 
 def _to_gguf(src: Path, dst: Path, gguf_type: str) -> Path:

@@ -9,7 +9,6 @@ tokenizer (the source's tokenizer files, or `gguf_tokenizer.json` holding a GGUF
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -104,22 +103,14 @@ def save_packed(model: Transformer, ckpt: Checkpoint, dst: str | Path) -> Path:
 
 
 def _copy_tokenizer(ckpt: Checkpoint, dst: Path) -> None:
-    from herd.checkpoint.convert import TOKENIZER_FILES
-    from herd.checkpoint.llama2c import tokenizer_file
+    from herd.checkpoint.convert import copy_tokenizer_files
 
-    src = ckpt.path
-    if ckpt.format in ("hf", "meta"):
-        for name in TOKENIZER_FILES:
-            if (src / name).is_file():
-                shutil.copyfile(src / name, dst / name)
-    elif ckpt.format == "llama2c":
-        found = tokenizer_file(src, ckpt.config.vocab_size)
-        if found is not None:
-            shutil.copyfile(found, dst / "tokenizer.model")
-    elif ckpt.format == "gguf":
+    if copy_tokenizer_files(ckpt, dst):
+        return
+    if ckpt.format == "gguf":
         from herd.quant.gguf import GGUFFile
 
-        md = {k: v for k, v in GGUFFile(src).metadata.items() if k.startswith("tokenizer.")}
+        md = {k: v for k, v in GGUFFile(ckpt.path).metadata.items() if k.startswith("tokenizer.")}
         (dst / GGUF_TOKENIZER).write_text(json.dumps(md))
 
 
