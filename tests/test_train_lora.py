@@ -305,6 +305,7 @@ def test_serve_picks_an_adapter_per_request_by_model_name(tmp_path, shared):
     assert len(set(expected.values())) == 3  # each adapter changes the story
     with running(create_app(Engine(llm, max_batch=4, ctx=128), name="base")) as url, httpx.Client(timeout=60) as c:
         assert [m["id"] for m in c.get(url + "/v1/models").json()["data"]] == ["base", "poet", "coder"]
+        assert [m["name"] for m in c.get(url + "/api/tags").json()["models"]] == ["base", "poet", "coder"]
         for name in ("poet", "base", "coder"):
             r = c.post(url + "/v1/completions", json={"model": name, "prompt": prompt, "max_tokens": n,
                                                       "temperature": 0}).json()

@@ -149,9 +149,8 @@ def router(svc: Service) -> APIRouter:
 
     @r.get("/api/tags")
     async def tags():
-        return {"models": [{"name": svc.name, "model": svc.name, "modified_at": _now(),
-                            "size": size,
-                            "digest": "", "details": details}]}
+        return {"models": [{"name": name, "model": name, "modified_at": _now(), "size": size, "digest": "",
+                            "details": details} for name in svc.models]}
 
     @r.post("/api/show")
     async def show(body: OllamaShow):
