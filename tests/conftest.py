@@ -80,7 +80,6 @@ def smollm2_gguf(herd_home, shared_wheels):
 @pytest.fixture(scope="session")
 def smollm2_llm(smollm2_gguf):
     """The real SmolLM2-135M-Instruct, loaded once per test session."""
-    import herd
 
     return herd.load(smollm2_gguf)
 

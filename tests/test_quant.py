@@ -20,7 +20,6 @@ from herd.quant import PackedLinear, native, pack_weight, quantize
 from herd.quant.forward import enable
 from herd.quant.gguf import repack
 from herd.quant.linear import MV_MAX_TOKENS, unpack_q4
-from herd.quant.quantize import quantize_q4, quantize_q8
 
 needs_kernels = pytest.mark.skipif(native.library() is None, reason="no C compiler to build herd's kernels")
 
