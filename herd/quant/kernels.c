@@ -23,6 +23,8 @@
  * portable C otherwise.
  */
 #include <math.h>
+#include <sched.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -38,6 +40,9 @@
 typedef int64_t i64;
 #define INLINE static inline __attribute__((always_inline))
 #define MAXC 4 /* tokens per tile */
+/* Weights are read as one pass over memory; the hardware prefetcher alone falls behind the integer
+   kernels (int8 decode streamed at 9 GB/s without this, 17 GB/s with it, on 2 Zen 3 cores). */
+#define PREFETCH(p) __builtin_prefetch((const char *)(p) + 1536)
 
 INLINE float h2f(uint16_t h) {
 #ifdef HERD_AVX2
@@ -112,6 +117,7 @@ INLINE float hsum(__m256 v) {
         for (i64 k = 0; k < K; k += 16) {                                                             \
             for (int r = 0; r < R; r++) {                                                             \
                 __m256 w0 = LOAD(w + r * K + k), w1 = LOAD(w + r * K + k + 8);                        \
+                PREFETCH(w + r * K + k);                                                              \
                 for (int c = 0; c < C; c++) {                                                         \
                     a[r][c] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + c * K + k), a[r][c]);           \
                     b[r][c] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + c * K + k + 8), b[r][c]);       \
@@ -139,56 +145,6 @@ INLINE float hsum(__m256 v) {
 FLOAT_TILE(tile_f32, float, LOAD_F32)
 FLOAT_TILE(tile_f16, uint16_t, LOAD_F16)
 FLOAT_TILE(tile_bf16, uint16_t, LOAD_BF16)
-
-/* q8: int8 weights with per-group scales (s points at row 0's scales; G per row) */
-INLINE void tile_q8(const int8_t *w, const void *s, int s16, i64 g, i64 K, int R, const int8_t *xq,
-                    const float *xd, int C, float *out, i64 ldo) {
-    i64 nb = K / 32, G = K / g, bpg = g == 16 ? 1 : g / 32;
-#ifdef HERD_AVX2
-    const __m256i ones = _mm256_set1_epi16(1);
-    __m256 acc[2][MAXC];
-    for (int r = 0; r < R; r++)
-        for (int c = 0; c < C; c++) acc[r][c] = _mm256_setzero_ps();
-    for (i64 b = 0, gi = 0; b < nb; gi++) {
-        __m256 sv[2];
-        for (int r = 0; r < R; r++)
-            sv[r] = g == 16 ? _mm256_set_m128(_mm_set1_ps(scale_at(s, s16, r * G + 2 * b + 1)),
-                                              _mm_set1_ps(scale_at(s, s16, r * G + 2 * b)))
-                            : _mm256_set1_ps(scale_at(s, s16, r * G + gi));
-        for (i64 j = 0; j < bpg; j++, b++) {
-            __m256i wv[2], aw[2];
-            for (int r = 0; r < R; r++) {
-                wv[r] = _mm256_loadu_si256((const __m256i *)(w + r * K + 32 * b));
-                aw[r] = _mm256_sign_epi8(wv[r], wv[r]);
-            }
-            for (int c = 0; c < C; c++) {
-                __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + c * K + 32 * b));
-                __m256 d = _mm256_set1_ps(xd[c * nb + b]);
-                for (int r = 0; r < R; r++) {
-                    __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(aw[r], _mm256_sign_epi8(xv, wv[r])), ones);
-                    acc[r][c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(sv[r], d), acc[r][c]);
-                }
-            }
-        }
-    }
-    for (int r = 0; r < R; r++)
-        for (int c = 0; c < C; c++) out[c * ldo + r] = hsum(acc[r][c]);
-#else
-    for (int r = 0; r < R; r++)
-        for (int c = 0; c < C; c++) {
-            float a = 0.0f;
-            for (i64 b = 0; b < nb; b++) {
-                int lo = 0, hi = 0;
-                for (int j = 0; j < 16; j++) lo += w[r * K + 32 * b + j] * xq[c * K + 32 * b + j];
-                for (int j = 16; j < 32; j++) hi += w[r * K + 32 * b + j] * xq[c * K + 32 * b + j];
-                float slo = scale_at(s, s16, r * G + (g == 16 ? 2 * b : b / bpg));
-                float shi = g == 16 ? scale_at(s, s16, r * G + 2 * b + 1) : slo;
-                a += ((float)lo * slo + (float)hi * shi) * xd[c * nb + b];
-            }
-            out[c * ldo + r] = a;
-        }
-#endif
-}
 
 /* 8 scales starting at index i, as floats */
 #ifdef HERD_AVX2
@@ -238,6 +194,61 @@ INLINE float scaled_sum(const void *s, int s16, i64 n, const float *v) {
     return total;
 }
 
+/* q8: int8 weights with per-group scales (s points at row 0's scales; G per row). `half`: g = 16, so
+   each block of 32 has two scales (lanes 0-3 of the block's integer sums cover its first 16 inputs,
+   lanes 4-7 the other 16). The weights' and activations' scales are multiplied per row and token up
+   front, so the inner loop is integer multiply-adds and one fused multiply-add per block. */
+INLINE void tile_q8(const int8_t *w, const void *s, int s16, i64 g, i64 K, int R, const int8_t *xq,
+                    const float *xd, int C, float *out, i64 ldo, int half) {
+    i64 nb = K / 32, G = K / g, per = half ? 2 : 1;
+    float comb[2][MAXC][per * nb];
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < C; c++) {
+            if (half)
+                for (i64 i = 0; i < 2 * nb; i++) comb[r][c][i] = scale_at(s, s16, r * G + i) * xd[c * nb + i / 2];
+            else
+                block_multipliers((const char *)s + r * G * (s16 ? 2 : 4), s16, g / 32, nb, xd + c * nb, comb[r][c]);
+        }
+#ifdef HERD_AVX2
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc[2][MAXC];
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < C; c++) acc[r][c] = _mm256_setzero_ps();
+    for (i64 b = 0; b < nb; b++) {
+        __m256i wv[2], aw[2];
+        for (int r = 0; r < R; r++) {
+            wv[r] = _mm256_loadu_si256((const __m256i *)(w + r * K + 32 * b));
+            PREFETCH(w + r * K + 32 * b);
+            aw[r] = _mm256_sign_epi8(wv[r], wv[r]);
+        }
+        for (int c = 0; c < C; c++) {
+            __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + c * K + 32 * b));
+            for (int r = 0; r < R; r++) {
+                __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(aw[r], _mm256_sign_epi8(xv, wv[r])), ones);
+                __m256 m = half ? _mm256_set_m128(_mm_set1_ps(comb[r][c][2 * b + 1]), _mm_set1_ps(comb[r][c][2 * b]))
+                                : _mm256_broadcast_ss(&comb[r][c][b]);
+                acc[r][c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), m, acc[r][c]);
+            }
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < C; c++) out[c * ldo + r] = hsum(acc[r][c]);
+#else
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < C; c++) {
+            float a = 0.0f;
+            for (i64 b = 0; b < nb; b++) {
+                int lo = 0, hi = 0;
+                for (int j = 0; j < 16; j++) lo += w[r * K + 32 * b + j] * xq[c * K + 32 * b + j];
+                for (int j = 16; j < 32; j++) hi += w[r * K + 32 * b + j] * xq[c * K + 32 * b + j];
+                a += half ? (float)lo * comb[r][c][2 * b] + (float)hi * comb[r][c][2 * b + 1]
+                          : (float)(lo + hi) * comb[r][c][b];
+            }
+            out[c * ldo + r] = a;
+        }
+#endif
+}
+
 /* q4: 4-bit weights with per-group scale s and offset m. Each pair of 32-input blocks is 32 bytes:
    byte t holds input t of the first block in its low nibble and input t of the second block in its
    high nibble. xg[c * G + gi] is the sum of token c's quantized inputs over group gi. */
@@ -261,6 +272,7 @@ INLINE void tile_q4(const uint8_t *w, const void *s, const void *m, int s16, i64
         __m256i lo[2], hi[2];
         for (int r = 0; r < R; r++) {
             __m256i raw = _mm256_loadu_si256((const __m256i *)(w + r * K / 2 + 16 * b));
+            PREFETCH(w + r * K / 2 + 16 * b);
             lo[r] = _mm256_and_si256(raw, low);
             hi[r] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);
         }
@@ -295,13 +307,76 @@ INLINE void tile_q4(const uint8_t *w, const void *s, const void *m, int s16, i64
 #endif
 }
 
-/* ---- entry points: y[M, N] = x[M, K] W^T ---- */
+/* ---- a linear layer: its description, its prepared input, and a range of its rows ---- */
 
-/* Run TILE(R, C, n, m0) over all rows (in pairs) and tokens (in groups of MAXC), rows split
-   between threads. R and C are compile-time constants in every expansion. */
-#define FOR_TILES(N, M, threads, TILE, MAXT)                                                                \
-    _Pragma("omp parallel for schedule(static) num_threads(threads)")                                 \
-    for (i64 n = 0; n < (N + 1) / 2 * 2; n += 2) {                                                    \
+typedef struct {
+    int fmt; /* 0 f32, 1 f16, 2 bf16, 3 q8, 4 q4 */
+    int s16;
+    i64 g, N, K;
+    const void *w, *s, *m;
+} Linear;
+
+/* The input of a linear layer: x, and for q8/q4 x quantized per block of 32 (xq, xd, xs) with, for
+   q4, the sums of the quantized inputs per weight group of g inputs (xg). Several layers reading the
+   same x (wq, wk, wv; w1, w3) share one. */
+typedef struct {
+    const float *x;
+    i64 M, K;
+    int8_t *xq;
+    float *xd, *xs, *xg;
+    int quantized;
+    i64 g;
+} Input;
+
+/* Buffers for an Input of up to M x K values. */
+static Input input_alloc(i64 M, i64 K) {
+    Input in = {0};
+    in.xq = malloc(M * K);
+    in.xd = malloc(M * (K / 32) * sizeof(float));
+    in.xs = malloc(M * (K / 32) * sizeof(float));
+    in.xg = malloc(M * (K / 32) * sizeof(float));
+    return in;
+}
+
+static void input_free(Input *in) {
+    free(in->xq);
+    free(in->xd);
+    free(in->xs);
+    free(in->xg);
+}
+
+static void input_set(Input *in, const float *x, i64 M, i64 K) {
+    in->x = x;
+    in->M = M;
+    in->K = K;
+    in->quantized = 0;
+    in->g = 0;
+}
+
+/* Whatever layer L needs of its input beyond x (single-threaded; cheap next to the layer). */
+static void input_prepare(Input *in, const Linear *L) {
+    if (L->fmt < 3) return;
+    i64 nb = in->K / 32;
+    if (!in->quantized) {
+        quantize_x(in->x, in->M, in->K, in->xq, in->xd, in->xs);
+        in->quantized = 1;
+        in->g = 0;
+    }
+    if (L->fmt == 4 && in->g != L->g) {
+        i64 bpg = L->g / 32;
+        for (i64 i = 0; i < in->M * nb / bpg; i++) {
+            float total = 0.0f;
+            for (i64 j = 0; j < bpg; j++) total += in->xs[i * bpg + j];
+            in->xg[i] = total;
+        }
+        in->g = L->g;
+    }
+}
+
+/* Run TILE(R, C, n, m0) over rows [n0, n1) (in pairs; n0 even) and all tokens (in groups of MAXT).
+   R and C are compile-time constants in every expansion. */
+#define TILES(n0, n1, N, M, TILE, MAXT)                                                               \
+    for (i64 n = n0; n < n1; n += 2) {                                                                \
         for (i64 m0 = 0; m0 < M; m0 += MAXT) {                                                        \
             int C = M - m0 < MAXT ? (int)(M - m0) : MAXT;                                             \
             if (n + 1 < N) {                                                                          \
@@ -309,108 +384,155 @@ INLINE void tile_q4(const uint8_t *w, const void *s, const void *m, int s16, i64
                 case 1: TILE(2, 1, n, m0); break;                                                     \
                 case 2: TILE(2, 2, n, m0); break;                                                     \
                 case 3: TILE(2, 3, n, m0); break;                                                     \
-                case 4: TILE(2, 4, n, m0);                                                           \
+                case 4: TILE(2, 4, n, m0);                                                            \
                 }                                                                                     \
             } else {                                                                                  \
                 switch (C) {                                                                          \
                 case 1: TILE(1, 1, n, m0); break;                                                     \
                 case 2: TILE(1, 2, n, m0); break;                                                     \
                 case 3: TILE(1, 3, n, m0); break;                                                     \
-                case 4: TILE(1, 4, n, m0);                                                           \
+                case 4: TILE(1, 4, n, m0);                                                            \
                 }                                                                                     \
             }                                                                                         \
         }                                                                                             \
     }
 
-#define F32_TILE(R, C, n, m0) tile_f32(w + n * K, K, R, x + m0 * K, C, y + m0 * N + n, N)
-#define F16_TILE(R, C, n, m0) tile_f16(w + n * K, K, R, x + m0 * K, C, y + m0 * N + n, N)
-#define BF16_TILE(R, C, n, m0) tile_bf16(w + n * K, K, R, x + m0 * K, C, y + m0 * N + n, N)
+#define SCALES(p, n) ((const char *)(p) + (n) * (K / L->g) * (L->s16 ? 2 : 4))
+#define F32_TILE(R, C, n, m0) tile_f32((const float *)L->w + n * K, K, R, x + m0 * K, C, y + m0 * N + n, N)
+#define F16_TILE(R, C, n, m0) tile_f16((const uint16_t *)L->w + n * K, K, R, x + m0 * K, C, y + m0 * N + n, N)
+#define BF16_TILE(R, C, n, m0) tile_bf16((const uint16_t *)L->w + n * K, K, R, x + m0 * K, C, y + m0 * N + n, N)
+#define Q8_TILE(R, C, n, m0)                                                                          \
+    tile_q8((const int8_t *)L->w + n * K, SCALES(L->s, n), L->s16, L->g, K, R, in->xq + m0 * K,       \
+            in->xd + m0 * (K / 32), C, y + m0 * N + n, N, L->g == 16)
+#define Q4_TILE(R, C, n, m0)                                                                          \
+    tile_q4((const uint8_t *)L->w + n * K / 2, SCALES(L->s, n), SCALES(L->m, n), L->s16, L->g, K, (R), \
+            in->xq + m0 * K, in->xd + m0 * (K / 32), in->xg + m0 * (K / L->g), (C) < Q4C ? (C) : Q4C,  \
+            y + m0 * N + n, N)
 
-void herd_mv_f32(const float *x, i64 M, i64 K, const float *w, i64 N, float *y, int threads) {
-    FOR_TILES(N, M, threads, F32_TILE, MAXC)
+/* y[:, n0:n1] = x W[n0:n1]^T for a prepared input (n0 even). Every (row, token) dot product is
+   computed the same way whatever the range, so splitting rows between threads changes nothing. */
+static void linear_rows(const Linear *L, const Input *in, i64 n0, i64 n1, float *y) {
+    i64 M = in->M, K = L->K, N = L->N;
+    const float *x = in->x;
+    switch (L->fmt) {
+    case 0: TILES(n0, n1, N, M, F32_TILE, MAXC) break;
+    case 1: TILES(n0, n1, N, M, F16_TILE, MAXC) break;
+    case 2: TILES(n0, n1, N, M, BF16_TILE, MAXC) break;
+    case 3: TILES(n0, n1, N, M, Q8_TILE, MAXC) break;
+    default: TILES(n0, n1, N, M, Q4_TILE, Q4C)
+    }
 }
 
-void herd_mv_f16(const float *x, i64 M, i64 K, const uint16_t *w, i64 N, float *y, int threads) {
-    FOR_TILES(N, M, threads, F16_TILE, MAXC)
+/* Thread t of nt's share of layer L's rows, in whole pairs. */
+static void linear_share(const Linear *L, const Input *in, int t, int nt, float *y) {
+    i64 pairs = (L->N + 1) / 2;
+    linear_rows(L, in, 2 * (pairs * t / nt), 2 * (pairs * (t + 1) / nt), y);
 }
 
-void herd_mv_bf16(const float *x, i64 M, i64 K, const uint16_t *w, i64 N, float *y, int threads) {
-    FOR_TILES(N, M, threads, BF16_TILE, MAXC)
+/* ---- threads: one OpenMP team per call, meeting at a spin-then-sleep barrier ----
+ *
+ * herd sets OMP_WAIT_POLICY=passive (torch's threads must not spin while Python runs), so every
+ * OpenMP fork or barrier puts a thread to sleep and wakes it with a system call: tens of
+ * microseconds in a virtual machine, dozens of times per token. Instead a whole call runs in one
+ * parallel region whose threads meet at this barrier: it spins for ~30 us (the usual wait, when the
+ * threads' shares are even) and then sleeps on a futex, so that a thread descheduled by another
+ * process does not keep its partner spinning for a whole time slice.
+ */
+
+#ifdef _OPENMP
+#define THREAD_ID omp_get_thread_num()
+#define THREAD_COUNT omp_get_num_threads()
+#else
+#define THREAD_ID 0
+#define THREAD_COUNT 1
+#endif
+
+#define SPINS 1000
+
+typedef struct {
+    _Atomic int arrived, phase, sleepers;
+} Barrier;
+
+#ifdef __linux__
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+static void sleep_while(_Atomic int *word, int value) {
+    syscall(SYS_futex, (int *)word, FUTEX_WAIT_PRIVATE, value, NULL, NULL, 0);
 }
-
-#define SCALES(p, n) ((const char *)(p) + (n) * (K / g) * (s16 ? 2 : 4))
-#define Q8_TILE(R, C, n, m0) \
-    tile_q8(w + n * K, SCALES(s, n), s16, g, K, R, xq + m0 * K, xd + m0 * nb, C, y + m0 * N + n, N)
-#define Q4_TILE(R, C, n, m0) \
-    tile_q4(w + n * K / 2, SCALES(s, n), SCALES(m, n), s16, g, K, (R), xq + m0 * K, xd + m0 * nb, xg + m0 * (K / g), \
-            (C) < Q4C ? (C) : Q4C, y + m0 * N + n, N)
-
-void herd_mv_q8(const float *x, i64 M, i64 K, const int8_t *w, const void *s, int s16, i64 g, i64 N, float *y,
-                int threads) {
-    i64 nb = K / 32;
-    int8_t *xq = malloc(M * K);
-    float *xd = malloc(M * nb * sizeof(float)), *xs = malloc(M * nb * sizeof(float));
-    quantize_x(x, M, K, xq, xd, xs);
-    FOR_TILES(N, M, threads, Q8_TILE, MAXC)
-    free(xq);
-    free(xd);
-    free(xs);
+static void wake_all(_Atomic int *word) {
+    syscall(SYS_futex, (int *)word, FUTEX_WAKE_PRIVATE, 1 << 30, NULL, NULL, 0);
 }
-
-void herd_mv_q4(const float *x, i64 M, i64 K, const uint8_t *w, const void *s, const void *m, int s16, i64 g,
-                i64 N, float *y, int threads) {
-    i64 nb = K / 32, G = K / g;
-    int8_t *xq = malloc(M * K);
-    float *xd = malloc(M * nb * sizeof(float)), *xs = malloc(M * nb * sizeof(float)), *xg = calloc(M * G, sizeof(float));
-    quantize_x(x, M, K, xq, xd, xs);
-    for (i64 i = 0; i < M * nb; i++) xg[i / (g / 32)] += xs[i];
-    FOR_TILES(N, M, threads, Q4_TILE, Q4C)
-    free(xq);
-    free(xd);
-    free(xs);
-    free(xg);
+#else
+static void sleep_while(_Atomic int *word, int value) {
+    (void)word;
+    (void)value;
+    sched_yield();
 }
+static void wake_all(_Atomic int *word) { (void)word; }
+#endif
 
-/* ---- dequantization of rows [n0, n1) to fp32 (prefill: then one sgemm per tile) ---- */
-
-void herd_dequant_f16(const uint16_t *w, i64 K, i64 n0, i64 n1, float *out, int threads) {
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (i64 n = n0; n < n1; n++)
-        for (i64 k = 0; k < K; k++) out[(n - n0) * K + k] = h2f(w[n * K + k]);
-}
-
-void herd_dequant_bf16(const uint16_t *w, i64 K, i64 n0, i64 n1, float *out, int threads) {
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (i64 n = n0; n < n1; n++)
-        for (i64 k = 0; k < K; k++) out[(n - n0) * K + k] = bf2f(w[n * K + k]);
-}
-
-void herd_dequant_q8(const int8_t *w, const void *s, int s16, i64 g, i64 K, i64 n0, i64 n1, float *out,
-                     int threads) {
-    i64 G = K / g;
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (i64 n = n0; n < n1; n++)
-        for (i64 gi = 0; gi < G; gi++) {
-            float sg = scale_at(s, s16, n * G + gi);
-            for (i64 k = gi * g; k < (gi + 1) * g; k++) out[(n - n0) * K + k] = (float)w[n * K + k] * sg;
+static void barrier_wait(Barrier *b, int nt) {
+    if (nt == 1) return;
+    int phase = atomic_load(&b->phase);
+    if (atomic_fetch_add(&b->arrived, 1) == nt - 1) {
+        atomic_store(&b->arrived, 0);
+        atomic_store(&b->phase, phase + 1);
+        if (atomic_load(&b->sleepers)) wake_all(&b->phase);
+        return;
+    }
+    for (int i = 0; atomic_load(&b->phase) == phase; i++) {
+        if (i < SPINS) {
+#ifdef HERD_AVX2
+            _mm_pause();
+#endif
+        } else {
+            atomic_fetch_add(&b->sleepers, 1);
+            sleep_while(&b->phase, phase); /* returns at once if the phase has moved on */
+            atomic_fetch_sub(&b->sleepers, 1);
         }
+    }
 }
 
-void herd_dequant_q4(const uint8_t *w, const void *s, const void *m, int s16, i64 g, i64 K, i64 n0, i64 n1,
-                     float *out, int threads) {
-    i64 G = K / g;
+/* ---- entry points ---- */
+
+/* y[M, N] = x[M, K] W^T */
+void herd_linear(const Linear *L, const float *x, i64 M, float *y, int threads) {
+    Input in = input_alloc(M, L->K);
+    input_set(&in, x, M, L->K);
+    input_prepare(&in, L);
+#pragma omp parallel num_threads(threads)
+    linear_share(L, &in, THREAD_ID, THREAD_COUNT, y);
+    input_free(&in);
+}
+
+/* rows [n0, n1) of W as fp32 (prefill: then one sgemm per tile) */
+void herd_dequant(const Linear *L, i64 n0, i64 n1, float *out, int threads) {
+    i64 K = L->K, G = L->g ? K / L->g : 0;
+    int s16 = L->s16;
 #pragma omp parallel for schedule(static) num_threads(threads)
-    for (i64 n = n0; n < n1; n++)
-        for (i64 b = 0; b < K / 32; b += 2) {
-            const uint8_t *q = w + n * K / 2 + 16 * b;
-            float *o = out + (n - n0) * K + 32 * b;
-            float s0 = scale_at(s, s16, n * G + 32 * b / g), m0 = scale_at(m, s16, n * G + 32 * b / g);
-            float s1 = scale_at(s, s16, n * G + 32 * (b + 1) / g), m1 = scale_at(m, s16, n * G + 32 * (b + 1) / g);
-            for (int t = 0; t < 32; t++) {
-                o[t] = (float)(q[t] & 15) * s0 + m0;
-                o[t + 32] = (float)(q[t] >> 4) * s1 + m1;
+    for (i64 n = n0; n < n1; n++) {
+        float *o = out + (n - n0) * K;
+        switch (L->fmt) {
+        case 0: memcpy(o, (const float *)L->w + n * K, K * sizeof(float)); break;
+        case 1: for (i64 k = 0; k < K; k++) o[k] = h2f(((const uint16_t *)L->w)[n * K + k]); break;
+        case 2: for (i64 k = 0; k < K; k++) o[k] = bf2f(((const uint16_t *)L->w)[n * K + k]); break;
+        case 3:
+            for (i64 k = 0; k < K; k++) o[k] = (float)((const int8_t *)L->w)[n * K + k] * scale_at(L->s, s16, n * G + k / L->g);
+            break;
+        default:
+            for (i64 b = 0; b < K / 32; b += 2) {
+                const uint8_t *q = (const uint8_t *)L->w + n * K / 2 + 16 * b;
+                i64 g0 = n * G + 32 * b / L->g, g1 = n * G + 32 * (b + 1) / L->g;
+                float s0 = scale_at(L->s, s16, g0), m0 = scale_at(L->m, s16, g0);
+                float s1 = scale_at(L->s, s16, g1), m1 = scale_at(L->m, s16, g1);
+                for (int t = 0; t < 32; t++) {
+                    o[32 * b + t] = (float)(q[t] & 15) * s0 + m0;
+                    o[32 * b + t + 32] = (float)(q[t] >> 4) * s1 + m1;
+                }
             }
         }
+    }
 }
 
 /* ---- the whole forward pass for a few tokens with a KV cache (decode steps) ----
@@ -419,13 +541,6 @@ void herd_dequant_q4(const uint8_t *w, const void *s, const void *m, int s16, i6
  * each token at its own position: one call per step instead of dozens of torch operations per
  * layer. Embeddings (any format) and rotary angles come in from torch; logits go out.
  */
-
-typedef struct {
-    int fmt; /* 0 f32, 1 f16, 2 bf16, 3 q8, 4 q4 */
-    int s16;
-    i64 g, N, K;
-    const void *w, *s, *m;
-} Linear;
 
 typedef struct {
     const float *attn_norm, *ffn_norm;
@@ -453,16 +568,6 @@ typedef struct {
     float *logits;            /* [B, T or 1, vocab] */
     int threads;
 } Step;
-
-static void linear(const Linear *L, const float *x, i64 M, float *y, int threads) {
-    switch (L->fmt) {
-    case 0: herd_mv_f32(x, M, L->K, L->w, L->N, y, threads); break;
-    case 1: herd_mv_f16(x, M, L->K, L->w, L->N, y, threads); break;
-    case 2: herd_mv_bf16(x, M, L->K, L->w, L->N, y, threads); break;
-    case 3: herd_mv_q8(x, M, L->K, L->w, L->s, L->s16, L->g, L->N, y, threads); break;
-    default: herd_mv_q4(x, M, L->K, L->w, L->s, L->m, L->s16, L->g, L->N, y, threads);
-    }
-}
 
 INLINE float dot(const float *a, const float *b, i64 n) {
     i64 i = 0;
@@ -498,78 +603,130 @@ static void rope(float *x, i64 M, i64 heads, i64 D, const float *cos, const floa
         }
 }
 
+/* softmax(q K^T * scale) V over cache positions 0..p of one head */
+static void attend(const float *q, const float *ks, const float *vs, i64 p, i64 D, float scale, float *sc,
+                   float *out) {
+    float mx = -INFINITY, sum = 0.0f;
+    for (i64 j = 0; j <= p; j++) {
+        sc[j] = dot(q, ks + j * D, D) * scale;
+        mx = sc[j] > mx ? sc[j] : mx;
+    }
+    for (i64 j = 0; j <= p; j++) {
+        sc[j] = expf(sc[j] - mx);
+        sum += sc[j];
+    }
+    for (i64 d = 0; d < D; d++) out[d] = 0.0f;
+    for (i64 j = 0; j <= p; j++) {
+        float pj = sc[j] / sum;
+        const float *vj = vs + j * D;
+        for (i64 d = 0; d < D; d++) out[d] += pj * vj[d];
+    }
+}
+
 void herd_forward(const Step *st) {
     const Model *md = st->model;
     i64 M = st->B * st->T, dim = md->dim, H = md->n_heads, KVH = md->n_kv_heads, D = md->head_dim;
     i64 S = st->cache_len, CR = st->cache_rows;
-    int threads = st->threads;
+    i64 widest = dim > md->hidden ? dim : md->hidden;
+    if (H * D > widest) widest = H * D;
     float *x = st->x;
     float *xn = malloc(M * dim * sizeof(float)), *q = malloc(M * H * D * sizeof(float));
     float *k = malloc(M * KVH * D * sizeof(float)), *v = malloc(M * KVH * D * sizeof(float));
     float *att = malloc(M * H * D * sizeof(float)), *o = malloc(M * dim * sizeof(float));
     float *h1 = malloc(M * md->hidden * sizeof(float)), *h3 = malloc(M * md->hidden * sizeof(float));
-    float *scores = malloc((size_t)threads * S * sizeof(float));
+    float *scores = malloc((size_t)st->threads * S * sizeof(float));
     float scale = 1.0f / sqrtf((float)D);
+    Input in = input_alloc(M, widest);
+    Barrier bar = {0};
+    i64 n_out = st->logits_at ? st->B : M;
 
-    for (i64 l = 0; l < md->n_layers; l++) {
-        const Layer *L = md->layers + l;
-        rmsnorm(x, L->attn_norm, M, dim, md->eps, xn);
-        linear(&L->wq, xn, M, q, threads);
-        linear(&L->wk, xn, M, k, threads);
-        linear(&L->wv, xn, M, v, threads);
-        rope(q, M, H, D, st->cos, st->sin);
-        rope(k, M, KVH, D, st->cos, st->sin);
-        float *kc = st->k_cache + l * CR * KVH * S * D, *vc = st->v_cache + l * CR * KVH * S * D;
-        for (i64 i = 0; i < M; i++) {
-            i64 row = st->rows[i / st->T], p = st->pos[i];
-            for (i64 h = 0; h < KVH; h++) {
-                memcpy(kc + ((row * KVH + h) * S + p) * D, k + (i * KVH + h) * D, D * sizeof(float));
-                memcpy(vc + ((row * KVH + h) * S + p) * D, v + (i * KVH + h) * D, D * sizeof(float));
-            }
-        }
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
-        for (i64 ih = 0; ih < M * H; ih++) {
-            i64 i = ih / H, h = ih % H, kvh = h / (H / KVH), p = st->pos[i];
-            const float *qv = q + ih * D;
-            const float *ks = kc + (st->rows[i / st->T] * KVH + kvh) * S * D;
-            const float *vs = vc + (st->rows[i / st->T] * KVH + kvh) * S * D;
-#ifdef _OPENMP
-            float *sc = scores + (i64)omp_get_thread_num() * S;
-#else
-            float *sc = scores;
+    /* Thread 0 does the cheap serial work (norms, rope, cache writes, input quantization) while the
+       others wait at the barrier; every thread takes a share of each layer's rows and of the heads. */
+#pragma omp parallel num_threads(st->threads)
+    {
+        int t = THREAD_ID, nt = THREAD_COUNT;
+#ifdef HERD_AVX2
+        /* flush denormals to zero: attention weights far below the largest are denormal, and
+           arithmetic on denormals is ~100x slower */
+        unsigned csr = _mm_getcsr();
+        _mm_setcsr(csr | 0x8040);
 #endif
-            float mx = -INFINITY, sum = 0.0f;
-            for (i64 j = 0; j <= p; j++) {
-                sc[j] = dot(qv, ks + j * D, D) * scale;
-                mx = fmaxf(mx, sc[j]);
+        for (i64 l = 0; l < md->n_layers; l++) {
+            const Layer *L = md->layers + l;
+            float *kc = st->k_cache + l * CR * KVH * S * D, *vc = st->v_cache + l * CR * KVH * S * D;
+            if (t == 0) {
+                rmsnorm(x, L->attn_norm, M, dim, md->eps, xn);
+                input_set(&in, xn, M, dim);
+                input_prepare(&in, &L->wq);
+                input_prepare(&in, &L->wk);
+                input_prepare(&in, &L->wv);
             }
-            for (i64 j = 0; j <= p; j++) {
-                sc[j] = expf(sc[j] - mx);
-                sum += sc[j];
+            barrier_wait(&bar, nt);
+            linear_share(&L->wq, &in, t, nt, q);
+            linear_share(&L->wk, &in, t, nt, k);
+            linear_share(&L->wv, &in, t, nt, v);
+            barrier_wait(&bar, nt);
+            if (t == 0) {
+                rope(q, M, H, D, st->cos, st->sin);
+                rope(k, M, KVH, D, st->cos, st->sin);
+                for (i64 i = 0; i < M; i++) {
+                    i64 row = st->rows[i / st->T], p = st->pos[i];
+                    for (i64 h = 0; h < KVH; h++) {
+                        memcpy(kc + ((row * KVH + h) * S + p) * D, k + (i * KVH + h) * D, D * sizeof(float));
+                        memcpy(vc + ((row * KVH + h) * S + p) * D, v + (i * KVH + h) * D, D * sizeof(float));
+                    }
+                }
             }
-            float *out = att + ih * D;
-            for (i64 d = 0; d < D; d++) out[d] = 0.0f;
-            for (i64 j = 0; j <= p; j++) {
-                float pj = sc[j] / sum;
-                const float *vj = vs + j * D;
-                for (i64 d = 0; d < D; d++) out[d] += pj * vj[d];
+            barrier_wait(&bar, nt);
+            for (i64 ih = t; ih < M * H; ih += nt) {
+                i64 i = ih / H, kvh = ih % H / (H / KVH), row = st->rows[i / st->T];
+                attend(q + ih * D, kc + (row * KVH + kvh) * S * D, vc + (row * KVH + kvh) * S * D, st->pos[i], D,
+                       scale, scores + t * S, att + ih * D);
             }
+            barrier_wait(&bar, nt);
+            if (t == 0) {
+                input_set(&in, att, M, H * D);
+                input_prepare(&in, &L->wo);
+            }
+            barrier_wait(&bar, nt);
+            linear_share(&L->wo, &in, t, nt, o);
+            barrier_wait(&bar, nt);
+            if (t == 0) {
+                for (i64 j = 0; j < M * dim; j++) x[j] += o[j];
+                rmsnorm(x, L->ffn_norm, M, dim, md->eps, xn);
+                input_set(&in, xn, M, dim);
+                input_prepare(&in, &L->w1);
+                input_prepare(&in, &L->w3);
+            }
+            barrier_wait(&bar, nt);
+            linear_share(&L->w1, &in, t, nt, h1);
+            linear_share(&L->w3, &in, t, nt, h3);
+            barrier_wait(&bar, nt);
+            if (t == 0) {
+                for (i64 j = 0; j < M * md->hidden; j++) h1[j] = h1[j] / (1.0f + expf(-h1[j])) * h3[j];
+                input_set(&in, h1, M, md->hidden);
+                input_prepare(&in, &L->w2);
+            }
+            barrier_wait(&bar, nt);
+            linear_share(&L->w2, &in, t, nt, o);
+            barrier_wait(&bar, nt);
+            if (t == 0)
+                for (i64 j = 0; j < M * dim; j++) x[j] += o[j];
         }
-        linear(&L->wo, att, M, o, threads);
-        for (i64 j = 0; j < M * dim; j++) x[j] += o[j];
-        rmsnorm(x, L->ffn_norm, M, dim, md->eps, xn);
-        linear(&L->w1, xn, M, h1, threads);
-        linear(&L->w3, xn, M, h3, threads);
-        for (i64 j = 0; j < M * md->hidden; j++) h1[j] = h1[j] / (1.0f + expf(-h1[j])) * h3[j];
-        linear(&L->w2, h1, M, o, threads);
-        for (i64 j = 0; j < M * dim; j++) x[j] += o[j];
+        if (t == 0) {
+            if (st->logits_at) /* keep one token per row */
+                for (i64 b = 0; b < st->B; b++)
+                    memmove(x + b * dim, x + (b * st->T + st->logits_at[b]) * dim, dim * sizeof(float));
+            rmsnorm(x, md->norm, n_out, dim, md->eps, xn);
+            input_set(&in, xn, n_out, dim);
+            input_prepare(&in, &md->output);
+        }
+        barrier_wait(&bar, nt);
+        linear_share(&md->output, &in, t, nt, st->logits);
+#ifdef HERD_AVX2
+        _mm_setcsr(csr);
+#endif
     }
-    i64 n_out = M;
-    if (st->logits_at) { /* keep one token per row */
-        n_out = st->B;
-        for (i64 b = 0; b < st->B; b++) memmove(x + b * dim, x + (b * st->T + st->logits_at[b]) * dim, dim * sizeof(float));
-    }
-    rmsnorm(x, md->norm, n_out, dim, md->eps, xn);
-    linear(&md->output, xn, n_out, st->logits, threads);
+    input_free(&in);
     free(xn); free(q); free(k); free(v); free(att); free(o); free(h1); free(h3); free(scores);
 }

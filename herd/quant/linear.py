@@ -16,6 +16,8 @@ scales are products that fp16 cannot hold exactly). Activations are fp32.
 
 from __future__ import annotations
 
+import ctypes
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -92,6 +94,14 @@ class PackedLinear(nn.Module):
         against, and the path on devices without kernels."""
         return dequantize(self.fmt, self.group_size, self.packed(), rows)
 
+    def describe(self) -> native.Linear:
+        """This layer for the C kernels (valid while its buffers are)."""
+        s, m = getattr(self, "scales", None), getattr(self, "mins", None)
+        w = self.weight if self.fmt in _FLOAT_DTYPES else self.qweight
+        return native.Linear(native.FORMAT_CODES[self.fmt], int(s is not None and s.dtype == torch.float16),
+                             self.group_size or 0, self.out_features, self.in_features, w.data_ptr(),
+                             None if s is None else s.data_ptr(), None if m is None else m.data_ptr())
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lib = native.library() if self.kernel_ok and x.device.type == "cpu" else None
         if lib is None:
@@ -101,17 +111,8 @@ class PackedLinear(nn.Module):
         return y.view(*x.shape[:-1], self.out_features)
 
     def _mv(self, lib, x: torch.Tensor) -> torch.Tensor:
-        M, K, N = x.shape[0], self.in_features, self.out_features
-        y = torch.empty(M, N)
-        args = (x.data_ptr(), M, K)
-        if self.fmt in _FLOAT_DTYPES:
-            getattr(lib, f"herd_mv_{self.fmt}")(*args, self.weight.data_ptr(), N, y.data_ptr(), native.threads())
-        elif self.fmt == "q8":
-            lib.herd_mv_q8(*args, self.qweight.data_ptr(), self.scales.data_ptr(), self._s16(), self.group_size, N,
-                           y.data_ptr(), native.threads())
-        else:
-            lib.herd_mv_q4(*args, self.qweight.data_ptr(), self.scales.data_ptr(), self.mins.data_ptr(), self._s16(),
-                           self.group_size, N, y.data_ptr(), native.threads())
+        y = torch.empty(x.shape[0], self.out_features)
+        lib.herd_linear(ctypes.byref(self.describe()), x.data_ptr(), x.shape[0], y.data_ptr(), native.threads())
         return y
 
     def _mm(self, lib, x: torch.Tensor) -> torch.Tensor:
@@ -122,25 +123,12 @@ class PackedLinear(nn.Module):
         rows = max(8, _TILE_BYTES // (4 * K))
         tile = torch.empty(min(rows, N), K)
         yt = torch.empty(N, x.shape[0])
+        desc = ctypes.byref(self.describe())
         for n0 in range(0, N, rows):
             n1 = min(n0 + rows, N)
-            self._dequant_rows(lib, n0, n1, tile)
+            lib.herd_dequant(desc, n0, n1, tile.data_ptr(), native.threads())
             torch.mm(tile[: n1 - n0], x.t(), out=yt[n0:n1])
         return yt.t().contiguous()
-
-    def _dequant_rows(self, lib, n0: int, n1: int, out: torch.Tensor) -> None:
-        K, t = self.in_features, native.threads()
-        if self.fmt in ("f16", "bf16"):
-            getattr(lib, f"herd_dequant_{self.fmt}")(self.weight.data_ptr(), K, n0, n1, out.data_ptr(), t)
-        elif self.fmt == "q8":
-            lib.herd_dequant_q8(self.qweight.data_ptr(), self.scales.data_ptr(), self._s16(), self.group_size, K,
-                                n0, n1, out.data_ptr(), t)
-        else:
-            lib.herd_dequant_q4(self.qweight.data_ptr(), self.scales.data_ptr(), self.mins.data_ptr(), self._s16(),
-                                self.group_size, K, n0, n1, out.data_ptr(), t)
-
-    def _s16(self) -> int:
-        return int(self.scales.dtype == torch.float16)
 
 
 class PackedEmbedding(nn.Module):

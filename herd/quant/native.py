@@ -25,16 +25,19 @@ import torch
 SOURCE = Path(__file__).with_name("kernels.c")
 
 _P, _I, _T = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+FORMAT_CODES = {"f32": 0, "f16": 1, "bf16": 2, "q8": 3, "q4": 4}
+
+
+class Linear(ctypes.Structure):
+    """kernels.c's description of a weight: format, fp16 scales or not, group size, shape, pointers."""
+
+    _fields_ = [("fmt", ctypes.c_int), ("s16", ctypes.c_int), ("g", _I), ("N", _I), ("K", _I),
+                ("w", _P), ("s", _P), ("m", _P)]
+
+
 _SIGNATURES = {
-    "herd_mv_f32": [_P, _I, _I, _P, _I, _P, _T],
-    "herd_mv_f16": [_P, _I, _I, _P, _I, _P, _T],
-    "herd_mv_bf16": [_P, _I, _I, _P, _I, _P, _T],
-    "herd_mv_q8": [_P, _I, _I, _P, _P, _T, _I, _I, _P, _T],
-    "herd_mv_q4": [_P, _I, _I, _P, _P, _P, _T, _I, _I, _P, _T],
-    "herd_dequant_f16": [_P, _I, _I, _I, _P, _T],
-    "herd_dequant_bf16": [_P, _I, _I, _I, _P, _T],
-    "herd_dequant_q8": [_P, _P, _T, _I, _I, _I, _I, _P, _T],
-    "herd_dequant_q4": [_P, _P, _P, _T, _I, _I, _I, _I, _P, _T],
+    "herd_linear": [_P, _P, _I, _P, _T],
+    "herd_dequant": [_P, _I, _I, _P, _T],
     "herd_forward": [_P],
 }
 
