@@ -76,7 +76,8 @@ async def level(url: str, model: str, concurrency: int, requests: int, max_token
 def start_herd(args) -> tuple[subprocess.Popen, str]:
     port = args.port
     cmd = [sys.executable, "-m", "herd", "serve", "--port", str(port), "--max-batch", str(max(args.concurrency)),
-           "--ctx", str(args.ctx)] + (["--model", args.model] if args.model else [])
+           "--ctx", str(args.ctx)] + (["--model", args.model] if args.model else []) + (
+           ["--quantize", args.quantize] if args.quantize else [])
     proc = subprocess.Popen(cmd, env=os.environ.copy())
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
@@ -102,6 +103,8 @@ def main() -> None:
     p.add_argument("--ctx", type=int, default=1024, help="herd serve --ctx (default: 1024)")
     p.add_argument("--port", type=int, default=8712)
     p.add_argument("--eos", type=int, action="append", default=[], help="token id to ban (repeatable)")
+    p.add_argument("--quantize", choices=["int8", "int4", "keep"], help="herd serve --quantize (keep: run a "
+                   "GGUF's quants as they are, as llama-server does)")
     args = p.parse_args()
 
     proc = None

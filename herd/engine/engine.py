@@ -9,7 +9,8 @@ time in chunks aligned to multiples of `prefill_chunk`, so a reused prefix holds
 and values a cold prefill would write; a decode step attends row by row (see SlotRows) and pads
 the batch to a multiple of ROW_BLOCK rows, because the CPU matrix product rounds a row
 differently when the row count is 1, 2, 3 or leaves a ragged tail (tests/test_engine.py checks
-logits bit for bit).
+logits bit for bit). A model with the native decode step (herd.quant.forward, on by default on the
+CPU) computes every row the same way whatever its neighbours, and skips the padding rows.
 """
 
 from __future__ import annotations

@@ -3,8 +3,9 @@
 
 A decode step of a small model is mostly Python and dispatch overhead (about 0.3 ms per layer
 here), which at 22 layers is as long as streaming the weights of an int4 1B model. Installed on a
-model by `enable(model)`, it takes over whenever it can (CPU, fp32 KV cache, no autograd, at most
-MAX_TOKENS tokens, every linear layer in a kernel format) and otherwise lets the torch forward run.
+model by `enable(model)`, it takes over whenever it can (CPU, fp32 KV cache, no autograd, one
+token per row or at most MAX_TOKENS tokens in all, every linear layer in a kernel format) and
+otherwise lets the torch forward run. It writes a plain KVCache or the serving engine's slots.
 Every token is computed the same way whatever else is in the call, so a batch row's, or a
 speculative draft's, logits do not depend on its neighbours.
 """
@@ -107,10 +108,14 @@ class NativeForward:
         return d[0] if d else None
 
     def __call__(self, model: Transformer, tokens: torch.Tensor, input_pos: torch.Tensor | None,
-                 cache: KVCache, logits_at: torch.Tensor | None) -> torch.Tensor | None:
+                 cache, logits_at: torch.Tensor | None) -> torch.Tensor | None:
         B, T = tokens.shape
-        if (B * T > MAX_TOKENS or type(cache) is not KVCache or cache.k.dtype != torch.float32
-                or tokens.device.type != "cpu" or torch.is_grad_enabled() or not cache.k.is_contiguous()):
+        target = _cache_rows(cache, B)
+        if (target is None or (T > 1 and B * T > MAX_TOKENS) or tokens.device.type != "cpu"
+                or torch.is_grad_enabled()):
+            return None
+        store, rows, n = target
+        if store.k.dtype != torch.float32 or not store.k.is_contiguous():
             return None
         lib = native.library()
         desc = self.description(model) if lib is not None else None
@@ -118,20 +123,33 @@ class NativeForward:
             return None
         if input_pos is None:
             input_pos = torch.arange(T)
-        pos = input_pos.expand(B, T).contiguous().to(torch.int64)
-        if int(pos.max()) >= cache.max_seq_len or int(pos.min()) < 0 or B > cache.batch_size:
+        pos = input_pos.expand(B, T)[:n].contiguous().to(torch.int64)
+        if int(pos.max()) >= store.max_seq_len or int(pos.min()) < 0 or int(rows.max()) >= store.batch_size:
             return None  # the torch forward raises the error
         angles = pos.unsqueeze(-1).float() * model.inv_freq
         cos, sin = angles.cos().contiguous(), angles.sin().contiguous()
-        x = model.tok_embeddings(tokens).float().contiguous()
-        rows = torch.arange(B, dtype=torch.int64)
-        at = None if logits_at is None else logits_at.to(torch.int64).contiguous()
-        logits = torch.empty(B, 1 if at is not None else T, model.config.vocab_size)
-        step = _Step(ctypes.addressof(desc), B, T, x.data_ptr(), pos.data_ptr(), cos.data_ptr(), sin.data_ptr(),
-                     rows.data_ptr(), cache.k.data_ptr(), cache.v.data_ptr(), cache.batch_size, cache.max_seq_len,
+        x = model.tok_embeddings(tokens[:n]).float().contiguous()
+        at = None if logits_at is None else logits_at[:n].to(torch.int64).contiguous()
+        logits = torch.empty(n, 1 if at is not None else T, model.config.vocab_size)
+        step = _Step(ctypes.addressof(desc), n, T, x.data_ptr(), pos.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+                     rows.data_ptr(), store.k.data_ptr(), store.v.data_ptr(), store.batch_size, store.max_seq_len,
                      at.data_ptr() if at is not None else None, logits.data_ptr(), native.threads())
         lib.herd_forward(ctypes.byref(step))
-        return logits
+        return logits if n == B else torch.cat([logits, logits[-1:].expand(B - n, -1, -1)])
+
+
+def _cache_rows(cache, B: int) -> tuple[KVCache, torch.Tensor, int] | None:
+    """(the KV cache, the cache row of each batch row, how many rows to compute) when the native
+    step can write the cache itself: a plain KVCache, or the serving engine's view of its slots,
+    whose padding rows (copies of its last real row) are not computed. None for a cache that
+    attends its own way."""
+    if type(cache) is KVCache:
+        return cache, torch.arange(B, dtype=torch.int64), B
+    from herd.engine.slots import SlotCache, SlotRows
+
+    if type(cache) is SlotRows and type(cache.cache) is SlotCache:
+        return cache.cache, cache.index.to(torch.int64).contiguous(), cache.n_real
+    return None
 
 
 def enable(model: Transformer) -> Transformer:
