@@ -49,7 +49,8 @@ def _emulate(layer: PackedLinear, x: torch.Tensor) -> torch.Tensor:
     if layer.fmt == "q8":
         return (q.reshape(M, K) * d.double().repeat_interleave(32, -1)) @ (w * scales).T
     qx = q.reshape(M, K) * d.double().repeat_interleave(32, -1)
-    return qx @ (w * scales).T + qx @ t["mins"].double().repeat_interleave(g, -1).T
+    mins = t["mins"].double() if "mins" in t else -8 * t["scales"].double()  # symmetric: w = (q - 8) s
+    return qx @ (w * scales).T + qx @ mins.repeat_interleave(g, -1).T
 
 
 LAYERS = [("f16", None, False), ("bf16", None, False), ("q8", None, False), ("q8", 32, False), ("q8", 64, False),

@@ -1,7 +1,7 @@
 """GGUF files loaded as they are stored: quantized tensors repacked into herd's packed formats
 (no dequantization), 16- and 32-bit tensors memory-mapped.
 
-    Q8_0 -> q8, group 32, fp16 scales      Q4_0 -> q4, group 32 (offset -8 d)
+    Q8_0 -> q8, group 32, fp16 scales      Q4_0 -> q4, group 32, symmetric
     Q4_1 -> q4, group 32, fp16 scales      Q4_K -> q4, group 32, fp32 scales (d * sc, -dmin * m)
     Q6_K -> q8, group 16, fp32 scales      F16, BF16 -> f16, bf16;  F32 -> fp32
 Any other type is dequantized to fp32 (gguf-py), so every file llama.cpp writes for a Llama still
@@ -140,9 +140,10 @@ def repack(kind: GGMLQuantizationType, shape: tuple[int, ...], data: np.ndarray)
                           "scales": _half(b[..., :2])}
     if kind in (T.Q4_0, T.Q4_1) and k % 64 == 0:
         b = _blocks(data, shape, 18 if kind == T.Q4_0 else 20)
-        d = _half(b[..., :2])
-        m = (-8 * d.float()).half() if kind == T.Q4_0 else _half(b[..., 2:4])
-        return "q4", 32, {"qweight": _pack_nibbles(_ggml_nibbles(b[..., -16:])), "scales": d, "mins": m}
+        packed = {"qweight": _pack_nibbles(_ggml_nibbles(b[..., -16:])), "scales": _half(b[..., :2])}
+        if kind == T.Q4_1:
+            packed["mins"] = _half(b[..., 2:4])
+        return "q4", 32, packed
     if kind == T.Q4_K:
         b = _blocks(data, shape, 144)
         d, dmin = (_half(b[..., i:i + 2]).float().numpy()[..., None] for i in (0, 2))

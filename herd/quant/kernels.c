@@ -10,7 +10,8 @@
  *   q8               int8 weights, one scale per group of g inputs (g = 16, a multiple of 32, or
  *                    K for per-channel): w = q * s.
  *   q4               4-bit weights, one scale and one offset per group of g inputs (g a multiple of
- *                    32): w = q * s + m, q in 0..15. Each block of 32 inputs is 16 bytes: byte j
+ *                    32): w = q * s + m, q in 0..15; or symmetric, no offsets (m NULL, 10% fewer
+ *                    bytes to stream): w = (q - 8) * s. Each block of 32 inputs is 16 bytes: byte j
  *                    holds input j in its low nibble and input j + 16 in its high nibble (GGML's
  *                    Q4_0/Q4_1 order, so GGUF blocks repack with a strided copy).
  * Scales and offsets are fp16 or fp32 (`s16`), [N, K / g].
@@ -261,7 +262,8 @@ INLINE void tile_q4(const uint8_t *w, const void *s, const void *m, int s16, i64
     for (int r = 0; r < R; r++)
         for (int c = 0; c < C; c++) {
             block_multipliers((const char *)s + r * sb, s16, bpg, nb, xd + c * nb, comb[r][c]);
-            off[r][c] = scaled_sum((const char *)m + r * sb, s16, G, xg + c * G);
+            off[r][c] = m ? scaled_sum((const char *)m + r * sb, s16, G, xg + c * G)
+                          : -8.0f * scaled_sum((const char *)s + r * sb, s16, G, xg + c * G);
         }
 #ifdef HERD_AVX2
     const __m256i ones = _mm256_set1_epi16(1), low = _mm256_set1_epi8(0x0f);
@@ -405,7 +407,7 @@ static void input_prepare(Input *in, const Linear *L) {
     tile_q8((const int8_t *)L->w + n * K, SCALES(L->s, n), L->s16, L->g, K, R, in->xq + m0 * K,       \
             in->xd + m0 * (K / 32), C, y + m0 * N + n, N, L->g == 16)
 #define Q4_TILE(R, C, n, m0)                                                                          \
-    tile_q4((const uint8_t *)L->w + n * K / 2, SCALES(L->s, n), SCALES(L->m, n), L->s16, L->g, K, (R), \
+    tile_q4((const uint8_t *)L->w + n * K / 2, SCALES(L->s, n), L->m ? SCALES(L->m, n) : NULL, L->s16, L->g, K, (R), \
             in->xq + m0 * K, in->xd + m0 * (K / 32), in->xg + m0 * (K / L->g), (C) < Q4C ? (C) : Q4C,  \
             y + m0 * N + n, N)
 
@@ -524,8 +526,8 @@ void herd_dequant(const Linear *L, i64 n0, i64 n1, float *out, int threads) {
             for (i64 b = 0; b < K / 32; b += 2) {
                 const uint8_t *q = (const uint8_t *)L->w + n * K / 2 + 16 * b;
                 i64 g0 = n * G + 32 * b / L->g, g1 = n * G + 32 * (b + 1) / L->g;
-                float s0 = scale_at(L->s, s16, g0), m0 = scale_at(L->m, s16, g0);
-                float s1 = scale_at(L->s, s16, g1), m1 = scale_at(L->m, s16, g1);
+                float s0 = scale_at(L->s, s16, g0), m0 = L->m ? scale_at(L->m, s16, g0) : -8.0f * s0;
+                float s1 = scale_at(L->s, s16, g1), m1 = L->m ? scale_at(L->m, s16, g1) : -8.0f * s1;
                 for (int t = 0; t < 32; t++) {
                     o[32 * b + t] = (float)(q[t] & 15) * s0 + m0;
                     o[32 * b + t + 32] = (float)(q[t] >> 4) * s1 + m1;

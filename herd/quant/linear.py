@@ -6,7 +6,8 @@ kernels, so decoding streams 2, 1 or ~0.6 bytes per weight instead of 4. Formats
 
     f32, f16, bf16  `weight` [N, K] in that dtype
     q8              `qweight` int8 [N, K]; `scales` [N, K / g]: w = q * s
-    q4              `qweight` uint8 [N, K / 2]; `scales`, `mins` [N, K / g]: w = q * s + m, q in 0..15;
+    q4              `qweight` uint8 [N, K / 2]; `scales`, `mins` [N, K / g]: w = q * s + m, q in 0..15
+                    (without `mins`, symmetric: w = (q - 8) * s, as GGUF's Q4_0);
                     each pair of 32-input blocks is 32 bytes, byte t holding input t of the first
                     block (low nibble) and of the second (high nibble)
 
@@ -65,7 +66,10 @@ def dequantize(fmt: str, group_size: int | None, packed: dict[str, torch.Tensor]
     scales = _expand(packed["scales"][rows], group_size)
     if fmt == "q8":
         return packed["qweight"][rows].float() * scales
-    return unpack_q4(packed["qweight"][rows]).float() * scales + _expand(packed["mins"][rows], group_size)
+    q = unpack_q4(packed["qweight"][rows]).float()
+    if "mins" not in packed:
+        return (q - 8) * scales
+    return q * scales + _expand(packed["mins"][rows], group_size)
 
 
 class PackedLinear(nn.Module):

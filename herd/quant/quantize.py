@@ -44,22 +44,19 @@ def quantize_q8(w: torch.Tensor, group_size: int) -> dict[str, torch.Tensor]:
 
 
 def quantize_q4(w: torch.Tensor, group_size: int, symmetric: bool = False) -> dict[str, torch.Tensor]:
-    """4-bit with an fp16 scale and offset per group. Asymmetric: the group's range [min, max] in 15
-    steps (Q4_1's rule). Symmetric: d = (the value of largest magnitude) / -8, offset -8 d (Q4_0's)."""
+    """4-bit with an fp16 scale per group. Asymmetric: an fp16 offset per group too, the group's range
+    [min, max] in 15 steps (Q4_1's rule). Symmetric: d = (the value of largest magnitude) / -8 and
+    w = (q - 8) d, no offsets stored (Q4_0's)."""
     blocks = _groups(w, group_size)
     if symmetric:
         extreme = blocks.gather(-1, blocks.abs().argmax(-1, keepdim=True))
         d = extreme / -8
-        q = torch.trunc(blocks * _inverse(d) + 8.5)
-        scale = d.half()
-        offset = (-8 * scale.float()).half()
-    else:
-        lo, hi = blocks.amin(-1, keepdim=True), blocks.amax(-1, keepdim=True)
-        d = (hi - lo) / 15
-        q = torch.trunc((blocks - lo) * _inverse(d) + 0.5)
-        scale, offset = d.half(), lo.half()
-    q = q.clamp(0, 15).reshape(w.shape)
-    return {"qweight": pack_q4(q), "scales": scale.squeeze(-1), "mins": offset.squeeze(-1)}
+        q = torch.trunc(blocks * _inverse(d) + 8.5).clamp(0, 15).reshape(w.shape)
+        return {"qweight": pack_q4(q), "scales": d.half().squeeze(-1)}
+    lo, hi = blocks.amin(-1, keepdim=True), blocks.amax(-1, keepdim=True)
+    d = (hi - lo) / 15
+    q = torch.trunc((blocks - lo) * _inverse(d) + 0.5).clamp(0, 15).reshape(w.shape)
+    return {"qweight": pack_q4(q), "scales": d.half().squeeze(-1), "mins": lo.half().squeeze(-1)}
 
 
 def pack_weight(weight: torch.Tensor, fmt: str, group_size: int | None = None,
