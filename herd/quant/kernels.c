@@ -257,7 +257,7 @@ INLINE void tile_q8(const int8_t *w, const void *s, int s16, i64 g, i64 K, int R
 /* q4: 4-bit weights with per-group scale s and offset m. Each pair of 32-input blocks is 32 bytes:
    byte t holds input t of the first block in its low nibble and input t of the second block in its
    high nibble. xg[c * G + gi] is the sum of token c's quantized inputs over group gi. */
-#define Q4C 2
+#define Q4C 4
 INLINE void tile_q4(const uint8_t *w, const void *s, const void *m, int s16, i64 g, i64 K, int R,
                     const int8_t *xq, const float *xd, const float *xg, int C, float *out, i64 ldo) {
     i64 nb = K / 32, bpg = g / 32, G = K / g;
@@ -271,9 +271,9 @@ INLINE void tile_q4(const uint8_t *w, const void *s, const void *m, int s16, i64
         }
 #ifdef HERD_AVX2
     const __m256i ones = _mm256_set1_epi16(1), low = _mm256_set1_epi8(0x0f);
-    __m256 a0[2][Q4C], a1[2][Q4C];
+    __m256 acc[2][Q4C];
     for (int r = 0; r < R; r++)
-        for (int c = 0; c < C; c++) a0[r][c] = a1[r][c] = _mm256_setzero_ps();
+        for (int c = 0; c < C; c++) acc[r][c] = _mm256_setzero_ps();
     for (i64 b = 0; b < nb; b += 2) {
         __m256i lo[2], hi[2];
         for (int r = 0; r < R; r++) {
@@ -288,13 +288,13 @@ INLINE void tile_q4(const uint8_t *w, const void *s, const void *m, int s16, i64
             for (int r = 0; r < R; r++) {
                 __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(lo[r], x0), ones);
                 __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(hi[r], x1), ones);
-                a0[r][c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_broadcast_ss(&comb[r][c][b]), a0[r][c]);
-                a1[r][c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_broadcast_ss(&comb[r][c][b + 1]), a1[r][c]);
+                acc[r][c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_broadcast_ss(&comb[r][c][b]), acc[r][c]);
+                acc[r][c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_broadcast_ss(&comb[r][c][b + 1]), acc[r][c]);
             }
         }
     }
     for (int r = 0; r < R; r++)
-        for (int c = 0; c < C; c++) out[c * ldo + r] = hsum(_mm256_add_ps(a0[r][c], a1[r][c])) + off[r][c];
+        for (int c = 0; c < C; c++) out[c * ldo + r] = hsum(acc[r][c]) + off[r][c];
 #else
     for (int r = 0; r < R; r++)
         for (int c = 0; c < C; c++) {
