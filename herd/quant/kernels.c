@@ -41,13 +41,11 @@
 typedef int64_t i64;
 #define INLINE static inline __attribute__((always_inline))
 #define MAXC 4 /* tokens per tile */
-/* Weights are read as one pass over memory, and the hardware prefetcher alone falls behind: prefetch
-   each row this many bytes ahead. The float kernels consume bytes faster, so they look further
-   (measured on 2 Zen 3 cores, decode-like sequences of matrices: int8 9 -> 17 GB/s, f32 and f16
-   17 -> 22 GB/s). */
-#define PREFETCH(p, ahead) __builtin_prefetch((const char *)(p) + (ahead))
-#define AHEAD_INT 1536
-#define AHEAD_FLOAT 8192
+/* Weights are read as one pass over memory, and the hardware prefetcher alone falls behind: while a
+   tile reads its two rows, prefetch the same place in the next tile's two rows (two rows on; past
+   the end of the matrix a prefetch is harmless). Measured on 2 Zen 3 cores: int8 decode streaming
+   9 -> 17 GB/s, TinyLlama int4 decode +10-15% over a fixed distance of 1.5 KB. */
+#define PREFETCH(p) __builtin_prefetch(p)
 
 INLINE float h2f(uint16_t h) {
 #ifdef HERD_AVX2
@@ -122,7 +120,7 @@ INLINE float hsum(__m256 v) {
         for (i64 k = 0; k < K; k += 16) {                                                             \
             for (int r = 0; r < R; r++) {                                                             \
                 __m256 w0 = LOAD(w + r * K + k), w1 = LOAD(w + r * K + k + 8);                        \
-                PREFETCH(w + r * K + k, AHEAD_FLOAT);                                                 \
+                PREFETCH(w + (r + 2) * K + k);                                                        \
                 for (int c = 0; c < C; c++) {                                                         \
                     a[r][c] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + c * K + k), a[r][c]);           \
                     b[r][c] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + c * K + k + 8), b[r][c]);       \
@@ -223,7 +221,7 @@ INLINE void tile_q8(const int8_t *w, const void *s, int s16, i64 g, i64 K, int R
         __m256i wv[2], aw[2];
         for (int r = 0; r < R; r++) {
             wv[r] = _mm256_loadu_si256((const __m256i *)(w + r * K + 32 * b));
-            PREFETCH(w + r * K + 32 * b, AHEAD_INT);
+            PREFETCH(w + (r + 2) * K + 32 * b);
             aw[r] = _mm256_sign_epi8(wv[r], wv[r]);
         }
         for (int c = 0; c < C; c++) {
@@ -278,7 +276,7 @@ INLINE void tile_q4(const uint8_t *w, const void *s, const void *m, int s16, i64
         __m256i lo[2], hi[2];
         for (int r = 0; r < R; r++) {
             __m256i raw = _mm256_loadu_si256((const __m256i *)(w + r * K / 2 + 16 * b));
-            PREFETCH(w + r * K / 2 + 16 * b, AHEAD_INT);
+            PREFETCH(w + (r + 2) * K / 2 + 16 * b);
             lo[r] = _mm256_and_si256(raw, low);
             hi[r] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);
         }
