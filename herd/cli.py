@@ -33,6 +33,11 @@ def add_speculative_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draft-tokens", type=int, default=5, help="tokens drafted per step (default: 5)")
 
 
+def check_speculative_args(args: argparse.Namespace) -> None:
+    if args.draft_tokens < 1:
+        raise HerdError(f"--draft-tokens must be at least 1, got {args.draft_tokens}")
+
+
 def add_sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
     g = p.add_argument_group("sampling")
     g.add_argument("-n", "--max-tokens", type=int, default=256, help="most tokens to generate (default: 256)")
@@ -78,8 +83,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from herd.llm import make_params
 
     make_params(options)  # reject bad options before loading the model
-    if args.draft_tokens < 1:
-        raise HerdError(f"--draft-tokens must be at least 1, got {args.draft_tokens}")
+    check_speculative_args(args)
     llm = load_llm(args)
     if args.draft or args.lookup:  # speculative decoding: greedy output is unchanged
         llm.speculate(draft=args.draft, lookup=args.lookup, tokens=args.draft_tokens)
@@ -142,6 +146,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     if args.kv_memory is not None and args.kv_memory <= 0:
         raise HerdError(f"--kv-memory must be > 0 GiB, got {args.kv_memory}")
+    check_speculative_args(args)
     adapters = dict(_lora_spec(spec) for spec in args.lora or [])
     llm = load_llm(args)
     llm.load_adapters(adapters)
@@ -151,7 +156,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
         guard = herd.load(args.guard, dtype=args.dtype, device=args.device)
     serve(llm, guard=guard, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("HERD_API_KEY"),
-          max_batch=args.max_batch, ctx=args.ctx, max_queue=args.max_queue,
+          max_batch=args.max_batch, ctx=args.ctx, max_queue=args.max_queue, draft=args.draft, lookup=args.lookup,
+          draft_tokens=args.draft_tokens,
           kv_memory=None if args.kv_memory is None else int(args.kv_memory * 2**30))
 
 
@@ -318,6 +324,7 @@ def build_parser() -> Parser:
     p.add_argument("--lora", action="append", metavar="NAME=PATH",
                    help="serve a LoRA adapter (PEFT directory) as model NAME; repeatable")
     p.add_argument("--guard", metavar="MODEL", help="a Llama Guard 3 model that screens every request and reply")
+    add_speculative_args(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("infill", help="fill the gap between a prefix and a suffix (Code Llama)", description=(

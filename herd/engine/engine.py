@@ -11,6 +11,21 @@ the batch to a multiple of ROW_BLOCK rows, because the CPU matrix product rounds
 differently when the row count is 1, 2, 3 or leaves a ragged tail (tests/test_engine.py checks
 logits bit for bit). A model with the native decode step (herd.quant.forward, on by default on the
 CPU) computes every row the same way whatever its neighbours, and skips the padding rows.
+
+Speculative decoding (`drafter`: prompt lookup or a draft model, herd.generate.speculative): at
+each decode step a request past its prefill drafts up to `draft_tokens` tokens; a request with
+drafts is verified in a forward pass of its own ([last, d1..dk] at their positions in its slot),
+and the requests without drafts share the usual batched step. Own passes because the rows' draft
+lengths differ, the torch forward attends several tokens of only one row at a time (a prefill
+chunk), and the native step takes at most 16 tokens in all when rows have several. The accepted
+tokens go one by one through the same sampling path as plain decoding (stops, limits, logprobs and
+JSON constraints apply per token), and positions past them are simply written again later. With
+the native step every verified token's logits are bit for bit those of a plain decode step, so
+greedy output and logprobs are exactly those without speculation; sampled output keeps its
+distribution. Each request gets its own drafter state (a draft model's cache follows that
+request's tokens), so a seeded request's drafts, and so its output, do not depend on what else
+runs or ran in its slot. A drafted row costs a forward pass of its own: speculation buys latency
+when few requests run and costs throughput in a full batch.
 """
 
 from __future__ import annotations
@@ -28,6 +43,7 @@ from herd.engine.metrics import EngineMetrics
 from herd.engine.slots import SlotCache
 from herd.errors import HerdError
 from herd.generate import SamplingParams, Sequence
+from herd.generate.speculative import draft_room, verified
 
 ROW_BLOCK = 4
 
@@ -81,6 +97,7 @@ class Handle:
     slot: int | None = None
     prefilled: int = 0  # prompt tokens whose keys/values are in the slot
     last_token_time: float | None = None
+    drafter: object = field(default=None, repr=False)  # this request's drafter (speculative decoding)
     cancelled: bool = field(default=False, repr=False)
     engine: Engine | None = field(default=None, repr=False)
 
@@ -93,14 +110,18 @@ class Engine:
     """Serves `llm` (a herd.LLM) with up to `max_batch` requests at once, each with `ctx`
     positions of KV cache (default: the model's context, capped at 4096). `kv_memory` (bytes)
     caps the cache: fewer slots are made when `max_batch` of them would not fit. At most
-    `max_queue` requests wait for a slot; more get QueueFull."""
+    `max_queue` requests wait for a slot; more get QueueFull. `drafter` (PromptLookup or
+    DraftModel, see herd.generate.speculative.make_drafter): decode speculatively, drafting up to
+    `draft_tokens` tokens per step."""
 
     def __init__(self, llm, max_batch: int = 8, ctx: int | None = None, kv_memory: int | None = None,
-                 max_queue: int = 64, prefill_chunk: int = 32, prefill_budget: int = 128):
+                 max_queue: int = 64, prefill_chunk: int = 32, prefill_budget: int = 128, drafter=None,
+                 draft_tokens: int = 5):
         cfg = llm.config
         ctx = ctx or min(cfg.max_seq_len, 4096)
         for name, value in (("max_batch", max_batch), ("ctx", ctx), ("max_queue", max_queue),
-                            ("prefill_chunk", prefill_chunk), ("prefill_budget", prefill_budget)):
+                            ("prefill_chunk", prefill_chunk), ("prefill_budget", prefill_budget),
+                            ("draft_tokens", draft_tokens)):
             if not isinstance(value, int) or value < 1:
                 raise HerdError(f"{name} must be a positive integer, got {value!r}")
         if ctx > cfg.max_seq_len:
@@ -116,6 +137,7 @@ class Engine:
         self.max_queue = max_queue
         self.prefill_chunk = prefill_chunk
         self.prefill_budget = prefill_budget
+        self.drafter, self.draft_tokens = drafter, draft_tokens
         self.cache = SlotCache(cfg.n_layers, slots, cfg.n_kv_heads, ctx, cfg.head_dim, weight.dtype, weight.device)
         self.kv_bytes = per_slot * slots
         self.metrics = EngineMetrics()
@@ -212,6 +234,7 @@ class Engine:
             self._slot_prompt[slot] = self._slot_prompt[slot][:reuse]
             self._slot_adapter[slot] = h.request.adapter
             h.slot, h.prefilled = slot, reuse
+            h.drafter = None if self.drafter is None else self.drafter.fork()
             self._active.append(h)
             self.metrics.prefix_reused.inc(reuse)
         self.metrics.queue_depth.set(len(self._waiting))
@@ -260,6 +283,14 @@ class Engine:
                 if h.prefilled == len(h.seq.prompt_ids) and h.seq.output_ids and not h.cancelled]
         if not rows:
             return
+        if self.drafter is not None:
+            drafted = [(h, *self._draft(h)) for h in rows]
+            rows = [h for h, drafts, _ in drafted if not drafts]
+            for h, drafts, qs in drafted:
+                if drafts:
+                    self._verify(h, drafts, qs)
+            if not rows:
+                return
         n = len(rows)
         padded = rows + rows[-1:] * (-n % ROW_BLOCK)
         device = self.cache.k.device
@@ -271,6 +302,34 @@ class Engine:
         for h, row in zip(rows, logits):
             self._sample(h, row)
 
+    def _draft(self, h: Handle) -> tuple[list[int], list]:
+        seq = h.seq
+        room = draft_room(seq, self.ctx)
+        if room <= 0:
+            return [], []
+        return h.drafter.draft(seq.prompt_ids + seq.output_ids, min(self.draft_tokens, room), seq.sampler)
+
+    def _verify(self, h: Handle, drafts: list[int], qs: list) -> None:
+        """Check `h`'s drafts in one forward pass of its own and take what is accepted."""
+        seq = h.seq
+        n = len(seq.prompt_ids) + len(seq.output_ids)
+        device = self.cache.k.device
+        self._select_adapters([h])
+        logits = self.llm.model(torch.tensor([[seq.output_ids[-1], *drafts]], device=device),
+                                torch.arange(n - 1, n + len(drafts), device=device).unsqueeze(0),
+                                self.cache.rows([h.slot]))[0]
+        self.metrics.batch_size.observe(1)
+        self.metrics.draft_tokens.inc(len(drafts))
+        self.metrics.verify_steps.inc()
+        try:
+            for i, token in enumerate(verified(seq, logits, drafts, qs)):
+                if i < len(drafts) and token == drafts[i]:
+                    self.metrics.draft_accepted.inc()
+                if not self._take(h, token, logits[i]):
+                    return
+        except HerdError as e:
+            self._finish(h, Event("", [], finish_reason="error", error=str(e)))
+
     def _select_adapters(self, rows: list[Handle]) -> None:
         """Each row of the next forward pass decodes with its request's adapter (when the model
         has adapters loaded: `herd serve --lora`)."""
@@ -280,13 +339,21 @@ class Engine:
             set_adapters(self.llm.model, [h.request.adapter for h in rows])
 
     def _sample(self, h: Handle, logits: torch.Tensor) -> None:
-        seq = h.seq
         try:
-            token = seq.next_token(logits)
-            text = seq.append(token)
+            token = h.seq.next_token(logits)
         except HerdError as e:
             self._finish(h, Event("", [], finish_reason="error", error=str(e)))
             return
+        self._take(h, token, logits)
+
+    def _take(self, h: Handle, token: int, logits: torch.Tensor) -> bool:
+        """Append `token` (chosen from `logits`) to `h` and send it; False once `h` has ended."""
+        seq = h.seq
+        try:
+            text = seq.append(token)
+        except HerdError as e:
+            self._finish(h, Event("", [], finish_reason="error", error=str(e)))
+            return False
         now = time.perf_counter()
         if h.last_token_time is None:
             self.metrics.ttft.observe(now - h.submitted)
@@ -304,8 +371,9 @@ class Engine:
         if seq.finished:
             event.finish_reason = seq.finish_reason
             self._finish(h, event)
-        else:
-            h.request.on_event(event)
+            return False
+        h.request.on_event(event)
+        return True
 
     def _finish(self, h: Handle, event: Event | None) -> None:
         """Free `h`'s slot and send its last event (none for a cancelled request: nobody listens)."""
@@ -314,6 +382,7 @@ class Engine:
                 self._active.remove(h)
                 self._free.add(h.slot)
                 self._slot_used[h.slot] = time.perf_counter()
+                h.drafter = None  # a draft model's cache goes with it
                 self.metrics.running.set(len(self._active))
         self.metrics.finished("cancelled" if event is None else event.finish_reason)
         if event is not None:

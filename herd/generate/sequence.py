@@ -43,9 +43,14 @@ class Sequence:
 
     def next_token(self, logits: torch.Tensor) -> int:
         """Sample the next token from logits [vocab], within the constraint if there is one."""
-        if self.constraint is not None:
-            logits = logits.float().masked_fill(~self.constraint.allowed(logits.shape[-1]), -torch.inf)
-        return self.sampler(logits)
+        return self.sampler(self.constrain(logits))
+
+    def constrain(self, logits: torch.Tensor) -> torch.Tensor:
+        """`logits` [vocab] with the tokens the constraint forbids next set to -inf (as they are
+        without a constraint)."""
+        if self.constraint is None:
+            return logits
+        return logits.float().masked_fill(~self.constraint.allowed(logits.shape[-1]), -torch.inf)
 
     def append(self, token: int) -> str:
         """Take the next token; return the text it makes final (may be empty)."""

@@ -37,6 +37,10 @@ class PromptLookup:
                     return found, [None] * len(found)
         return [], []
 
+    def fork(self) -> PromptLookup:
+        """A drafter for another sequence: this one, which keeps no state."""
+        return self
+
 
 class DraftModel:
     """Drafts with a smaller model sharing the tokenizer; keeps its own KV cache across steps."""
@@ -46,8 +50,14 @@ class DraftModel:
         self.cache: KVCache | None = None
         self.tokens: list[int] = []  # the tokens whose keys and values the cache holds, in order
 
+    def fork(self) -> DraftModel:
+        """A drafter for another sequence: the same model, a cache of its own."""
+        return DraftModel(self.model)
+
     @torch.inference_mode()
     def draft(self, context: list[int], k: int, sampler=None) -> tuple[list[int], list[torch.Tensor | None]]:
+        if len(context) + k > self.model.config.max_seq_len:  # past the draft model's context
+            return [], []
         if self.cache is None or self.cache.max_seq_len < len(context) + k:
             self.cache = self.model.new_cache(1, min(2 * (len(context) + k), self.model.config.max_seq_len))
             self.tokens = []
@@ -93,6 +103,31 @@ def accept(p: torch.Tensor, q: torch.Tensor | None, token: int, generator: torch
     return int(torch.multinomial(residual, 1, generator=generator))
 
 
+def verified(seq: Sequence, logits: torch.Tensor, drafts: list[int], qs: list) -> Iterator[int]:
+    """The tokens that checking `drafts` (drawn from `qs`) against `logits` [len(drafts) + 1, vocab]
+    gives: the model's logits after the last token and after each draft. Each kept draft, then the
+    model's own token in place of the first rejected draft or after the last one. The caller
+    appends each token to `seq` before asking for the next (the penalties and a JSON constraint
+    must see it); it ends early once `seq` has finished."""
+    greedy = seq.params.temperature == 0
+    for i in range(len(drafts) + 1):
+        row = seq.constrain(logits[i])
+        if greedy or i == len(drafts):
+            token = seq.sampler(row)
+        else:
+            token = accept(seq.sampler.probs(row), qs[i], drafts[i], seq.sampler.generator)
+            token = drafts[i] if token is None else token
+        yield token
+        if seq.finished or i == len(drafts) or token != drafts[i]:
+            return
+
+
+def draft_room(seq: Sequence, ctx: int) -> int:
+    """How many tokens may be drafted for `seq` with `ctx` cache positions: the drafts and the
+    model's token after them must fit in both the sequence's limit and the cache."""
+    return min(seq.limit - len(seq.output_ids) - 1, ctx - len(seq.prompt_ids) - len(seq.output_ids))
+
+
 def speculative_step(model: Transformer, cache: KVCache, seq: Sequence, drafter, k: int) -> str:
     """One round for `seq`, whose context (prompt + output) is in `cache` except its last token (an
     output token):
@@ -100,23 +135,12 @@ def speculative_step(model: Transformer, cache: KVCache, seq: Sequence, drafter,
     of the model's own. Returns the text appended."""
     context = seq.prompt_ids + seq.output_ids
     n = len(context)
-    room = min(seq.limit - len(seq.output_ids) - 1, cache.max_seq_len - n)
+    room = draft_room(seq, cache.max_seq_len)
     drafts, qs = drafter.draft(context, min(k, room), seq.sampler) if room > 0 else ([], [])
     device = model.norm.weight.device
     tokens = torch.tensor([[context[-1], *drafts]], device=device)
     logits = model(tokens, torch.arange(n - 1, n + len(drafts), device=device).unsqueeze(0), cache)[0].float().cpu()
-    greedy = seq.params.temperature == 0
-    text = ""
-    for i in range(len(drafts) + 1):
-        if greedy or i == len(drafts):
-            token = seq.sampler(logits[i])
-        else:
-            token = accept(seq.sampler.probs(logits[i]), qs[i], drafts[i], seq.sampler.generator)
-            token = drafts[i] if token is None else token
-        text += seq.append(token)
-        if seq.finished or i == len(drafts) or token != drafts[i]:
-            break
-    return text
+    return "".join(seq.append(token) for token in verified(seq, logits, drafts, qs))
 
 
 @torch.inference_mode()

@@ -119,19 +119,28 @@ class BodyLimit:
 
 def serve(llm, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, max_batch: int = 8,
           ctx: int | None = None, kv_memory: int | None = None, max_queue: int = 64,
-          drain_timeout: float = 30.0, guard=None) -> None:
+          drain_timeout: float = 30.0, guard=None, draft=None, lookup: bool = False, draft_tokens: int = 5) -> None:
     """Run the server until interrupted. On SIGINT/SIGTERM it stops accepting connections,
     lets running requests finish for up to `drain_timeout` seconds, cancels the rest and exits.
-    `guard`: an LLM (Llama Guard 3) that screens requests and replies."""
+    `guard`: an LLM (Llama Guard 3) that screens requests and replies. `draft` (a smaller model
+    with the same tokenizer: an LLM or what herd.load takes) or `lookup`: decode speculatively,
+    `draft_tokens` per step (see herd.engine)."""
     import uvicorn
+
+    from herd.generate.speculative import make_drafter
 
     # uvicorn re-raises SIGTERM once it has drained; exit with status 0 then, not "killed by a signal".
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    engine = Engine(llm, max_batch=max_batch, ctx=ctx, kv_memory=kv_memory, max_queue=max_queue)
+    drafter = make_drafter(llm, draft, lookup)
+    engine = Engine(llm, max_batch=max_batch, ctx=ctx, kv_memory=kv_memory, max_queue=max_queue, drafter=drafter,
+                    draft_tokens=draft_tokens)
     guard_engine = None if guard is None else Engine(guard, max_batch=2, max_queue=max_queue)
     app = create_app(engine, api_key=api_key, guard=guard_engine)
+    speculative = ""
+    if drafter is not None:
+        speculative = f", drafts by {'prompt lookup' if lookup else getattr(draft, 'name', draft)}"
     print(f"herd: serving {app.state.service.name} on http://{host}:{port} ({engine.n_slots} slots x "
-          f"{engine.ctx} tokens, KV cache {engine.kv_bytes / 2**20:.0f} MiB)", flush=True)
+          f"{engine.ctx} tokens, KV cache {engine.kv_bytes / 2**20:.0f} MiB{speculative})", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=drain_timeout)
 
 
