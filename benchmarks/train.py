@@ -28,6 +28,7 @@ from herd.config import get_config
 from herd.model import Transformer
 from herd.train.config import TrainConfig
 from herd.train.objectives import LanguageModeling
+from herd.train.recipes import init_weights
 from herd.train.trainer import optimizer_for
 
 
@@ -92,7 +93,7 @@ def main() -> None:
         cfg = cfg.replace(vocab_size=args.vocab)
     cfg = cfg.replace(max_seq_len=max(cfg.max_seq_len, args.seq_len))
     train_cfg = TrainConfig(out="-", lr=1e-4, weight_decay=0.0)
-    ours = Transformer(cfg)
+    ours = init_weights(Transformer(cfg), seed=0)  # as `herd pretrain` starts; transformers inits likewise
     theirs = hf_model(cfg)
     theirs.train()
     objective = LanguageModeling()
