@@ -74,3 +74,6 @@ def test_training_loss_fused_with_the_head_matches_cross_entropy_of_the_logits(m
             torch.testing.assert_close(p.grad, expected[n], atol=1e-6, rtol=1e-5, msg=n)
         with torch.no_grad():
             torch.testing.assert_close(m(x, targets=targets), ref.detach(), atol=1e-4, rtol=1e-6)
+    m.zero_grad()
+    m(x, targets=torch.full_like(targets, -100)).backward()  # nothing to learn from: zero gradients
+    assert all(not p.grad.any() for p in m.parameters())

@@ -18,6 +18,7 @@ from torch import nn
 CHUNK_ELEMENTS = 2**24  # logits per chunk: 64 MiB of fp32
 
 
+@torch.compiler.disable  # runs eagerly inside a compiled model: its work is the matrix multiplies
 def cross_entropy_sum(x: torch.Tensor, head: nn.Module, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
     """Sum over positions of -log softmax(head(x))[target], skipping targets equal to ignore_index.
     x [..., dim], targets [...]. Fused for a plain fp32 nn.Linear without autocast; any other head
@@ -40,7 +41,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         n, vocab = rows.shape[0], weight.shape[0]
         loss = torch.zeros((), dtype=torch.float32, device=x.device)
         grad_rows = torch.empty_like(rows) if want_x else None
-        grad_w = torch.empty_like(weight) if want_w else None
+        grad_w = None if not want_w else torch.empty_like(weight) if n else torch.zeros_like(weight)
         chunk = max(1, min(n, CHUNK_ELEMENTS // vocab))
         buf = x.new_empty(chunk, vocab)
         for start in range(0, n, chunk):
@@ -64,11 +65,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad_w.addmm_(grad.t(), xc)
         if want_x and rows is not x:
             grad_rows = x.new_zeros(x.shape).index_put_((keep,), grad_rows)
-        ctx.save_for_backward(grad_rows, grad_w)
+        ctx.grads = (grad_rows, grad_w)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
-        grad_x, grad_w = ctx.saved_tensors
-        scale = lambda g: None if g is None else g * grad_loss  # noqa: E731
+        if ctx.grads is None:
+            raise RuntimeError("the fused cross-entropy cannot run backward twice (retain_graph)")
+        grad_x, grad_w = ctx.grads  # made for this one backward: scaled in place, then dropped
+        ctx.grads = None
+        scale = lambda g: None if g is None else g.mul_(grad_loss)  # noqa: E731
         return scale(grad_x), scale(grad_w), None, None, None
