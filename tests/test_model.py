@@ -50,3 +50,30 @@ def test_meta_device_build_keeps_rope_frequencies():
     with torch.device("meta"):
         m = Transformer(tiny().config)
     assert m.inv_freq.device.type == "cpu" and torch.isfinite(m.inv_freq).all()
+
+
+def test_training_loss_fused_with_the_head_matches_cross_entropy_of_the_logits(monkeypatch):
+    """forward(targets=...) sums the cross-entropy chunk by chunk, gradients computed with the
+    logits; PyTorch's cross_entropy on the full logits is the reference (loss and every gradient)."""
+    import herd.model.loss
+
+    monkeypatch.setattr(herd.model.loss, "CHUNK_ELEMENTS", 97 * 7)  # 7 rows a chunk: several, the last short
+    for tied in (False, True):
+        m = tiny(tie_embeddings=tied).train()
+        x = torch.randint(0, 97, (3, 17))
+        targets = torch.randint(0, 97, (3, 17))
+        targets[0, :5] = targets[2, 9] = -100
+        ref = torch.nn.functional.cross_entropy(m(x).flatten(0, 1), targets.flatten(), reduction="sum")
+        (ref * 0.3).backward()
+        expected = {n: p.grad.clone() for n, p in m.named_parameters()}
+        m.zero_grad()
+        loss = m(x, targets=targets)
+        (loss * 0.3).backward()
+        torch.testing.assert_close(loss, ref, atol=1e-4, rtol=1e-6)
+        for n, p in m.named_parameters():
+            torch.testing.assert_close(p.grad, expected[n], atol=1e-6, rtol=1e-5, msg=n)
+        with torch.no_grad():
+            torch.testing.assert_close(m(x, targets=targets), ref.detach(), atol=1e-4, rtol=1e-6)
+    m.zero_grad()
+    m(x, targets=torch.full_like(targets, -100)).backward()  # nothing to learn from: zero gradients
+    assert all(not p.grad.any() for p in m.parameters())

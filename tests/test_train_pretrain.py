@@ -186,6 +186,28 @@ def test_activation_checkpointing_changes_memory_not_results(shakespeare, tmp_pa
         assert torch.allclose(p, q, atol=1e-6)
 
 
+@pytest.mark.slow  # compiling takes ~30 s on one core
+def test_compiled_blocks_train_like_eager_ones(shakespeare, tmp_path):
+    eager, a = tiny_run(shakespeare, tmp_path / "a", batch_size=2)
+    compiled, b = tiny_run(shakespeare, tmp_path / "b", batch_size=2, compile=True)
+    assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], rel=1e-4)
+    assert list(eager.run.model.state_dict()) == list(compiled.run.model.state_dict())  # names unchanged
+
+
+def test_compile_without_a_cpp_compiler_says_so(monkeypatch):
+    import torch._inductor.cpp_builder
+
+    from herd.train.trainer import compile_blocks
+
+    def missing():
+        raise torch._inductor.exc.InvalidCxxCompiler()
+
+    monkeypatch.setattr(torch._inductor.cpp_builder, "get_cpp_compiler", missing)
+    model = Transformer(ModelConfig(dim=32, n_layers=1, n_heads=2, vocab_size=64, hidden_dim=64, max_seq_len=8))
+    with pytest.raises(HerdError, match="no C.. compiler found"):
+        compile_blocks(model, torch.device("cpu"))
+
+
 def test_bf16_autocast_trains(shakespeare, tmp_path):
     _, log = tiny_run(shakespeare, tmp_path, batch_size=2, precision="bf16", steps=3)
     assert all(r["loss"] == r["loss"] for r in log) and log[-1]["loss"] < log[0]["loss"]

@@ -19,6 +19,7 @@ from torch import nn
 
 from herd.config import ModelConfig, RopeScaling
 from herd.model.kv_cache import KVCache
+from herd.model.loss import cross_entropy_sum
 from herd.model.moe import MoE
 
 
@@ -165,6 +166,7 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         logits_at: torch.Tensor | None = None,
         doc_ids: torch.Tensor | None = None,
+        targets: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits [B, T, vocab] for tokens [B, T].
 
@@ -177,6 +179,9 @@ class Transformer(nn.Module):
         doc_ids: [B, T] document of each token, for training on packed sequences without a
             cache: a token attends only to earlier tokens of its own document (give input_pos
             restarting at 0 for each document).
+        targets: [B, T] next token of each position, for training: the result is then the summed
+            cross-entropy over the targets that are not -100 (herd.model.loss; no [B, T, vocab]
+            logits are kept).
         """
         if cache is not None and self.fast_forward is not None:
             logits = self.fast_forward(self, tokens, input_pos, cache, logits_at)
@@ -210,4 +215,6 @@ class Transformer(nn.Module):
             x = layer(x, cos, sin, cache, input_pos, local_mask if layer.attention.chunked else mask)
         if logits_at is not None:
             x = x[torch.arange(B, device=x.device), logits_at].unsqueeze(1)
+        if targets is not None:
+            return cross_entropy_sum(self.norm(x), self.output, targets)
         return self.output(self.norm(x))

@@ -23,7 +23,8 @@ class TrainConfig:
     """out: the run directory. batch_size is per process and micro-step: one optimizer step sees
     batch_size x grad_accum x processes sequences (or preference pairs). lr warms up linearly
     for `warmup` steps, then follows a cosine down to min_lr at `steps`. eval_every/save_every
-    0 means only at the end; `keep` is how many checkpoints stay on disk."""
+    0 means only at the end; `keep` is how many checkpoints stay on disk. compile: torch.compile
+    each transformer block (fused elementwise kernels; the first step pays for compiling)."""
 
     out: str
     steps: int = 1000
@@ -39,6 +40,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     precision: str = "auto"
     activation_checkpointing: bool = False
+    compile: bool = False
     eval_every: int = 0
     eval_batches: int = 8
     save_every: int = 0

@@ -25,9 +25,8 @@ class LanguageModeling:
         return float((batch["targets"] != IGNORE).sum())
 
     def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        logits = _logits(model, batch)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), batch["targets"].flatten(), ignore_index=IGNORE,
-                               reduction="sum")
+        loss = model(batch["tokens"], input_pos=batch.get("input_pos"), doc_ids=batch.get("doc_ids"),
+                     targets=batch["targets"])  # fused with the classifier (herd.model.loss)
         return {"loss": loss}
 
 
