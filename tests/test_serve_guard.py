@@ -120,3 +120,18 @@ def test_guard_withholds_flagged_replies(parts):
         r = httpx.post(url + "/api/chat", json={"model": "chat", "messages": messages, "stream": False}, timeout=60)
         assert (r.json()["message"]["content"], r.json()["done_reason"]) == ("", "content_filter")
 
+
+
+def test_a_chat_of_system_messages_only_is_served_and_its_reply_judged(parts):
+    """No user turn: nothing of the user's to screen, so the request is served; the reply is
+    judged as a message on its own (flagged by the always-unsafe guard, passed by the safe one)."""
+    chat, unsafe, safe = parts
+    messages = [{"role": "system", "content": "You greet people."}]
+    with serve(chat, safe) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none")
+        reply = client.chat.completions.create(model="chat", messages=messages, max_tokens=10, temperature=0)
+        assert (reply.choices[0].message.content, reply.choices[0].finish_reason) == ("Hello there", "stop")
+    with serve(chat, unsafe) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none")
+        reply = client.chat.completions.create(model="chat", messages=messages, max_tokens=10, temperature=0)
+        assert (reply.choices[0].message.content, reply.choices[0].finish_reason) == ("", "content_filter")

@@ -45,8 +45,12 @@ class Moderator:
         self.stop_ids = engine.llm.eos_ids | self.guard.stop_ids(tokenizer)
 
     async def verdict(self, messages: list[dict]) -> GuardVerdict:
-        """The verdict on the last turn of `messages` (user/assistant; others are left out)."""
+        """The verdict on the last turn of `messages` (user/assistant; others are left out). A
+        conversation with no user or assistant turn (only system messages) holds nothing of the
+        user's to judge: safe."""
         turns = _turns(messages)
+        if not turns:
+            return GuardVerdict(True)
         try:
             ids = self.guard.encode(self.engine.llm.tokenizer, turns)
             request = Request(ids, SamplingParams(max_tokens=20, temperature=0.0), self.stop_ids, on_event=lambda ev: None)
@@ -67,7 +71,10 @@ class Moderator:
                            code="content_filter")
 
     async def flags_reply(self, messages: list[dict], reply: str) -> bool:
-        """Whether the guard flags `reply` as the assistant's answer to `messages`."""
+        """Whether the guard flags `reply` as the assistant's answer to `messages`; with no user
+        turn to answer (only system messages), as a message on its own."""
+        if not _turns(messages):
+            return (await self.verdict([{"role": "user", "content": reply}])).flagged
         return (await self.verdict([*messages, {"role": "assistant", "content": reply}])).flagged
 
     def describe(self, verdict: GuardVerdict) -> str:
