@@ -255,12 +255,11 @@ INLINE void tile_q8(const int8_t *w, const void *s, int s16, i64 g, i64 K, int R
 /* q4: 4-bit weights with per-group scale s and offset m. Each pair of 32-input blocks is 32 bytes:
    byte t holds input t of the first block in its low nibble and input t of the second block in its
    high nibble. xg[c * G + gi] is the sum of token c's quantized inputs over group gi. */
-#define Q4C 4
 INLINE void tile_q4(const uint8_t *w, const void *s, const void *m, int s16, i64 g, i64 K, int R,
                     const int8_t *xq, const float *xd, const float *xg, int C, float *out, i64 ldo) {
     i64 nb = K / 32, bpg = g / 32, G = K / g;
     i64 sb = G * (s16 ? 2 : 4);
-    float comb[2][Q4C][nb], off[2][Q4C];
+    float comb[2][MAXC][nb], off[2][MAXC];
     for (int r = 0; r < R; r++)
         for (int c = 0; c < C; c++) {
             block_multipliers((const char *)s + r * sb, s16, bpg, nb, xd + c * nb, comb[r][c]);
@@ -269,7 +268,7 @@ INLINE void tile_q4(const uint8_t *w, const void *s, const void *m, int s16, i64
         }
 #ifdef HERD_AVX2
     const __m256i ones = _mm256_set1_epi16(1), low = _mm256_set1_epi8(0x0f);
-    __m256 acc[2][Q4C];
+    __m256 acc[2][MAXC];
     for (int r = 0; r < R; r++)
         for (int c = 0; c < C; c++) acc[r][c] = _mm256_setzero_ps();
     for (i64 b = 0; b < nb; b += 2) {
@@ -377,26 +376,23 @@ static void input_prepare(Input *in, const Linear *L) {
     }
 }
 
-/* Run TILE(R, C, n, m0) over rows [n0, n1) (in pairs; n0 even) and all tokens (in groups of MAXT).
+/* Run TILE(R, C, n, m0) over rows [n0, n1) (in pairs; n0 even) and all tokens (in groups of MAXC).
    R and C are compile-time constants in every expansion. */
-#define TILES(n0, n1, N, M, TILE, MAXT)                                                               \
+#define TILE_ROWS(TILE, R, C, n, m0)                                                                  \
+    switch (C) {                                                                                      \
+    case 1: TILE(R, 1, n, m0); break;                                                                 \
+    case 2: TILE(R, 2, n, m0); break;                                                                 \
+    case 3: TILE(R, 3, n, m0); break;                                                                 \
+    case 4: TILE(R, 4, n, m0);                                                                        \
+    }
+#define TILES(n0, n1, N, M, TILE)                                                                     \
     for (i64 n = n0; n < n1; n += 2) {                                                                \
-        for (i64 m0 = 0; m0 < M; m0 += MAXT) {                                                        \
-            int C = M - m0 < MAXT ? (int)(M - m0) : MAXT;                                             \
+        for (i64 m0 = 0; m0 < M; m0 += MAXC) {                                                        \
+            int C = M - m0 < MAXC ? (int)(M - m0) : MAXC;                                             \
             if (n + 1 < N) {                                                                          \
-                switch (C) {                                                                          \
-                case 1: TILE(2, 1, n, m0); break;                                                     \
-                case 2: TILE(2, 2, n, m0); break;                                                     \
-                case 3: TILE(2, 3, n, m0); break;                                                     \
-                case 4: TILE(2, 4, n, m0);                                                            \
-                }                                                                                     \
+                TILE_ROWS(TILE, 2, C, n, m0)                                                          \
             } else {                                                                                  \
-                switch (C) {                                                                          \
-                case 1: TILE(1, 1, n, m0); break;                                                     \
-                case 2: TILE(1, 2, n, m0); break;                                                     \
-                case 3: TILE(1, 3, n, m0); break;                                                     \
-                case 4: TILE(1, 4, n, m0);                                                            \
-                }                                                                                     \
+                TILE_ROWS(TILE, 1, C, n, m0)                                                          \
             }                                                                                         \
         }                                                                                             \
     }
@@ -409,8 +405,8 @@ static void input_prepare(Input *in, const Linear *L) {
     tile_q8((const int8_t *)L->w + n * K, SCALES(L->s, n), L->s16, L->g, K, R, in->xq + m0 * K,       \
             in->xd + m0 * (K / 32), C, y + m0 * N + n, N, L->g == 16)
 #define Q4_TILE(R, C, n, m0)                                                                          \
-    tile_q4((const uint8_t *)L->w + n * K / 2, SCALES(L->s, n), L->m ? SCALES(L->m, n) : NULL, L->s16, L->g, K, (R), \
-            in->xq + m0 * K, in->xd + m0 * (K / 32), in->xg + m0 * (K / L->g), (C) < Q4C ? (C) : Q4C,  \
+    tile_q4((const uint8_t *)L->w + n * K / 2, SCALES(L->s, n), L->m ? SCALES(L->m, n) : NULL, L->s16, \
+            L->g, K, R, in->xq + m0 * K, in->xd + m0 * (K / 32), in->xg + m0 * (K / L->g), C,          \
             y + m0 * N + n, N)
 
 /* y[:, n0:n1] = x W[n0:n1]^T for a prepared input (n0 even). Every (row, token) dot product is
@@ -419,11 +415,11 @@ static void linear_rows(const Linear *L, const Input *in, i64 n0, i64 n1, float 
     i64 M = in->M, K = L->K, N = L->N;
     const float *x = in->x;
     switch (L->fmt) {
-    case 0: TILES(n0, n1, N, M, F32_TILE, MAXC) break;
-    case 1: TILES(n0, n1, N, M, F16_TILE, MAXC) break;
-    case 2: TILES(n0, n1, N, M, BF16_TILE, MAXC) break;
-    case 3: TILES(n0, n1, N, M, Q8_TILE, MAXC) break;
-    default: TILES(n0, n1, N, M, Q4_TILE, Q4C)
+    case 0: TILES(n0, n1, N, M, F32_TILE) break;
+    case 1: TILES(n0, n1, N, M, F16_TILE) break;
+    case 2: TILES(n0, n1, N, M, BF16_TILE) break;
+    case 3: TILES(n0, n1, N, M, Q8_TILE) break;
+    default: TILES(n0, n1, N, M, Q4_TILE)
     }
 }
 
