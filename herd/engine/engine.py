@@ -43,7 +43,7 @@ from herd.engine.metrics import EngineMetrics
 from herd.engine.slots import SlotCache
 from herd.errors import HerdError
 from herd.generate import SamplingParams, Sequence
-from herd.generate.speculative import draft_room, verified
+from herd.generate.speculative import check, propose, verified
 
 ROW_BLOCK = 4
 
@@ -284,7 +284,7 @@ class Engine:
         if not rows:
             return
         if self.drafter is not None:
-            drafted = [(h, *self._draft(h)) for h in rows]
+            drafted = [(h, *propose(h.seq, h.drafter, self.draft_tokens, self.ctx)) for h in rows]
             rows = [h for h, drafts, _ in drafted if not drafts]
             for h, drafts, qs in drafted:
                 if drafts:
@@ -302,27 +302,15 @@ class Engine:
         for h, row in zip(rows, logits):
             self._sample(h, row)
 
-    def _draft(self, h: Handle) -> tuple[list[int], list]:
-        seq = h.seq
-        room = draft_room(seq, self.ctx)
-        if room <= 0:
-            return [], []
-        return h.drafter.draft(seq.prompt_ids + seq.output_ids, min(self.draft_tokens, room), seq.sampler)
-
     def _verify(self, h: Handle, drafts: list[int], qs: list) -> None:
         """Check `h`'s drafts in one forward pass of its own and take what is accepted."""
-        seq = h.seq
-        n = len(seq.prompt_ids) + len(seq.output_ids)
-        device = self.cache.k.device
         self._select_adapters([h])
-        logits = self.llm.model(torch.tensor([[seq.output_ids[-1], *drafts]], device=device),
-                                torch.arange(n - 1, n + len(drafts), device=device).unsqueeze(0),
-                                self.cache.rows([h.slot]))[0]
+        logits = check(self.llm.model, self.cache.rows([h.slot]), h.seq, drafts)
         self.metrics.batch_size.observe(1)
         self.metrics.draft_tokens.inc(len(drafts))
         self.metrics.verify_steps.inc()
         try:
-            for i, token in enumerate(verified(seq, logits, drafts, qs)):
+            for i, token in enumerate(verified(h.seq, logits, drafts, qs)):
                 if i < len(drafts) and token == drafts[i]:
                     self.metrics.draft_accepted.inc()
                 if not self._take(h, token, logits[i]):

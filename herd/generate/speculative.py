@@ -122,10 +122,21 @@ def verified(seq: Sequence, logits: torch.Tensor, drafts: list[int], qs: list) -
             return
 
 
-def draft_room(seq: Sequence, ctx: int) -> int:
-    """How many tokens may be drafted for `seq` with `ctx` cache positions: the drafts and the
-    model's token after them must fit in both the sequence's limit and the cache."""
-    return min(seq.limit - len(seq.output_ids) - 1, ctx - len(seq.prompt_ids) - len(seq.output_ids))
+def propose(seq: Sequence, drafter, k: int, ctx: int) -> tuple[list[int], list]:
+    """Up to k drafts (and the distributions they were drawn from) for `seq`'s next tokens: as many
+    as fit, with the model's token after them, in both the sequence's limit and `ctx` cache positions."""
+    n = len(seq.prompt_ids) + len(seq.output_ids)
+    room = min(seq.limit - len(seq.output_ids) - 1, ctx - n)
+    return drafter.draft(seq.prompt_ids + seq.output_ids, min(k, room), seq.sampler) if room > 0 else ([], [])
+
+
+def check(model: Transformer, cache, seq: Sequence, drafts: list[int]) -> torch.Tensor:
+    """Logits [len(drafts) + 1, vocab] of one forward pass over `seq`'s last token and the drafts at
+    their positions; `cache` (a KVCache, or the serving engine's rows of one slot) holds the rest."""
+    n = len(seq.prompt_ids) + len(seq.output_ids)
+    device = model.norm.weight.device
+    tokens = torch.tensor([[seq.output_ids[-1], *drafts]], device=device)
+    return model(tokens, torch.arange(n - 1, n + len(drafts), device=device).unsqueeze(0), cache)[0]
 
 
 def speculative_step(model: Transformer, cache: KVCache, seq: Sequence, drafter, k: int) -> str:
@@ -133,13 +144,8 @@ def speculative_step(model: Transformer, cache: KVCache, seq: Sequence, drafter,
     output token):
     draft up to k tokens, verify them in one forward pass, append what is accepted plus one token
     of the model's own. Returns the text appended."""
-    context = seq.prompt_ids + seq.output_ids
-    n = len(context)
-    room = draft_room(seq, cache.max_seq_len)
-    drafts, qs = drafter.draft(context, min(k, room), seq.sampler) if room > 0 else ([], [])
-    device = model.norm.weight.device
-    tokens = torch.tensor([[context[-1], *drafts]], device=device)
-    logits = model(tokens, torch.arange(n - 1, n + len(drafts), device=device).unsqueeze(0), cache)[0].float().cpu()
+    drafts, qs = propose(seq, drafter, k, cache.max_seq_len)
+    logits = check(model, cache, seq, drafts).float().cpu()
     return "".join(seq.append(token) for token in verified(seq, logits, drafts, qs))
 
 
