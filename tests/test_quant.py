@@ -3,6 +3,7 @@ emulation of their arithmetic, GGUF blocks repacked to exactly gguf-py's dequant
 native decode step equal to the torch forward."""
 
 import copy
+import subprocess
 
 import numpy as np
 import pytest
@@ -74,12 +75,32 @@ def test_decode_kernels(fmt, group, symmetric, tokens):
 
 
 @needs_kernels
-@pytest.mark.parametrize("fmt, group, symmetric", LAYERS)
+@pytest.mark.parametrize("fmt, group, symmetric", [("f32", None, False)] + LAYERS)
 def test_prefill_kernels_are_the_fp32_product(fmt, group, symmetric):
     torch.manual_seed(2)
-    layer = pack_weight(torch.randn(1000, 128) * 0.05, fmt, group, symmetric)  # several tiles
-    x = torch.randn(MV_MAX_TOKENS + 5, 128)
+    # 1000 rows: a part panel of 8 rows; 1152 inputs: two slices of 512 and one of 128; 23 tokens:
+    # groups of 6 and a last one of 5
+    layer = pack_weight(torch.randn(1000, 1152) * 0.05, fmt, group, symmetric)
+    x = torch.randn(MV_MAX_TOKENS + 7, 1152)
     torch.testing.assert_close(layer(x), x @ layer.dequantize().T, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(native._compiler() is None, reason="no C compiler")
+def test_portable_kernels(tmp_path, monkeypatch):
+    """Built without -march=native (no AVX2: the plain C paths), the kernels compute the same."""
+    path = tmp_path / "portable.so"
+    subprocess.run([native._compiler(), "-O2", "-fPIC", "-shared", "-std=c11", "-D_GNU_SOURCE", str(native.SOURCE),
+                    "-lm", "-o", str(path)], check=True)
+    monkeypatch.setattr(native, "library", lambda lib=native.load(path): lib)
+    torch.manual_seed(4)
+    for fmt, group, symmetric in [("f32", None, False)] + LAYERS:
+        layer = pack_weight(torch.randn(40, 1152) * 0.05, fmt, group, symmetric)
+        few, many = torch.randn(3, 1152), torch.randn(MV_MAX_TOKENS + 7, 1152)
+        expected = few @ layer.dequantize().T
+        if fmt in ("q8", "q4"):
+            expected = _emulate(layer, few).float()
+        torch.testing.assert_close(layer(few), expected, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(layer(many), many @ layer.dequantize().T, rtol=1e-4, atol=1e-4)
 
 
 def test_fp32_scales_and_group_16():
@@ -93,7 +114,8 @@ def test_fp32_scales_and_group_16():
     for layer in (q8, q4):
         if native.library() is not None:
             torch.testing.assert_close(layer(x).double(), _emulate(layer, x), rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(layer(torch.randn(40, 64)).shape, torch.Size([40, 8]))
+        many = torch.randn(40, 64)  # prefill
+        torch.testing.assert_close(layer(many), many @ layer.dequantize().T, rtol=1e-4, atol=1e-4)
 
 
 def test_torch_fallback(monkeypatch):

@@ -157,8 +157,28 @@ def enable(model: Transformer) -> Transformer:
 
     Also moves every object alive now (the model's modules and tensors among them) out of reach of
     Python's cyclic garbage collector (`gc.freeze`): each step allocates a few objects, which
-    triggers collections that would otherwise walk the whole model (6% of a 1B int4 decode step).
+    triggers collections that would otherwise walk the whole model (6% of a 1B int4 decode step);
+    and keeps freed memory in the process (`_keep_freed_memory`).
     """
     model.fast_forward = NativeForward()
     gc.freeze()
+    _keep_freed_memory()
     return model
+
+
+def _keep_freed_memory() -> None:
+    """Have glibc's malloc keep memory it is given back instead of returning it to the system.
+
+    A prefill's activations are megabytes each; by default glibc maps each afresh and unmaps it when
+    freed, so every layer's tensors come back as new pages that the kernel zeroes one page fault at
+    a time (TinyLlama f16 prefill of 128 tokens: 13% faster without). Blocks under 32 MB now come
+    from the heap, which is never trimmed: the process keeps its peak heap, as an inference server
+    does anyway. A no-op off glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    mallopt(m_trim_threshold, 2**31 - 1)
+    mallopt(m_mmap_threshold, 32 << 20)

@@ -506,36 +506,201 @@ void herd_linear(const Linear *L, const float *x, i64 M, float *y, int threads) 
     input_free(&in);
 }
 
-/* rows [n0, n1) of W as fp32 (prefill: then one sgemm per tile) */
-void herd_dequant(const Linear *L, i64 n0, i64 n1, float *out, int threads) {
-    i64 K = L->K, G = L->g ? K / L->g : 0;
-    int s16 = L->s16;
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (i64 n = n0; n < n1; n++) {
-        float *o = out + (n - n0) * K;
-        switch (L->fmt) {
-        case 0: memcpy(o, (const float *)L->w + n * K, K * sizeof(float)); break;
-        case 1: for (i64 k = 0; k < K; k++) o[k] = h2f(((const uint16_t *)L->w)[n * K + k]); break;
-        case 2: for (i64 k = 0; k < K; k++) o[k] = bf2f(((const uint16_t *)L->w)[n * K + k]); break;
-        case 3:
-            for (i64 gi = 0; gi < G; gi++) {
-                const int8_t *q = (const int8_t *)L->w + n * K + gi * L->g;
-                float sg = scale_at(L->s, s16, n * G + gi);
-                for (i64 k = 0; k < L->g; k++) o[gi * L->g + k] = (float)q[k] * sg;
+/* ---- many tokens (prefill): a blocked matrix multiply on weights expanded to fp32 ----
+ *
+ * With dozens of tokens per weight the time is arithmetic, not memory, so this is laid out like
+ * BLIS's kernels: for each slice of KC inputs (all tokens' slice of x stays in L2) each thread
+ * expands PR = 16 of its rows to fp32 in a panel stored input-major (panel[k * PR + r], 16 KB, in
+ * L1), then multiplies it with PT = 6 tokens at a time: per input, the panel's two 8-row vectors
+ * times six broadcast activations into 12 sums held in registers, with no horizontal sums.
+ * Activations stay fp32 (unlike herd_linear): the arithmetic of F.linear on the dequantized weight.
+ */
+#define KC 512
+#define PR 16
+#define PT 6
+
+/* element k of row n of W as fp32 */
+static float weight_at(const Linear *L, i64 n, i64 k) {
+    i64 K = L->K, G = L->g ? K / L->g : 0, i = n * K + k;
+    switch (L->fmt) {
+    case 0: return ((const float *)L->w)[i];
+    case 1: return h2f(((const uint16_t *)L->w)[i]);
+    case 2: return bf2f(((const uint16_t *)L->w)[i]);
+    case 3: return ((const int8_t *)L->w)[i] * scale_at(L->s, L->s16, n * G + k / L->g);
+    default: {
+        uint8_t byte = ((const uint8_t *)L->w)[(i - k % 64) / 2 + k % 32];
+        i64 gi = n * G + k / L->g;
+        float sc = scale_at(L->s, L->s16, gi);
+        return (float)(k % 64 < 32 ? byte & 15 : byte >> 4) * sc + (L->m ? scale_at(L->m, L->s16, gi) : -8.0f * sc);
+    }
+    }
+}
+
+#ifdef HERD_AVX2
+/* inputs [k, k + 8) of row n of W as fp32 (k a multiple of 8; `gk` = k / g for q8 and q4; `fmt` a
+   constant where inlined) */
+INLINE __m256 row8(const Linear *L, int fmt, i64 n, i64 k, i64 gk) {
+    i64 i = n * L->K + k, gi = n * (L->g ? L->K / L->g : 0) + gk;
+    switch (fmt) {
+    case 0: return _mm256_loadu_ps((const float *)L->w + i);
+    case 1: return LOAD_F16((const uint16_t *)L->w + i);
+    case 2: return LOAD_BF16((const uint16_t *)L->w + i);
+    case 3: {
+        __m256 q = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)((const int8_t *)L->w + i))));
+        return _mm256_mul_ps(q, _mm256_set1_ps(scale_at(L->s, L->s16, gi)));
+    }
+    default: {
+        __m128i b = _mm_loadl_epi64((const __m128i *)((const uint8_t *)L->w + (i - k % 64) / 2 + k % 32));
+        if (k % 64 >= 32) b = _mm_srli_epi16(b, 4);
+        __m256 q = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_cvtepu8_epi32(b), _mm256_set1_epi32(15)));
+        float sc = scale_at(L->s, L->s16, gi);
+        return _mm256_fmadd_ps(q, _mm256_set1_ps(sc), _mm256_set1_ps(L->m ? scale_at(L->m, L->s16, gi) : -8.0f * sc));
+    }
+    }
+}
+
+/* r[j] = column j of the 8 x 8 matrix whose rows are r[0..7] */
+INLINE void transpose8(__m256 *r) {
+    __m256 t[8], u[8];
+    for (int i = 0; i < 4; i++) {
+        t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 2; i++) {
+        u[4 * i] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+        u[4 * i + 1] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0xee);
+        u[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+        u[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xee);
+    }
+    for (int i = 0; i < 4; i++) {
+        r[i] = _mm256_permute2f128_ps(u[i], u[4 + i], 0x20);
+        r[4 + i] = _mm256_permute2f128_ps(u[i], u[4 + i], 0x31);
+    }
+}
+
+INLINE void expand_fmt(const Linear *layer, int fmt, i64 n, int R, i64 k0, i64 kc, float *panel) {
+    const Linear L = *layer; /* a local copy: the panel's stores cannot change it */
+    for (int h = 0; h < PR; h += 8)
+        for (i64 k = 0, gk = L.g ? k0 / L.g : 0, gend = L.g ? (gk + 1) * L.g : 0; k < kc; k += 8) {
+            if (L.g && k0 + k == gend) { /* next scale group (no division per block) */
+                gk++;
+                gend += L.g;
             }
-            break;
-        default:
-            for (i64 b = 0; b < K / 32; b += 2) {
-                const uint8_t *q = (const uint8_t *)L->w + n * K / 2 + 16 * b;
-                i64 g0 = n * G + 32 * b / L->g, g1 = n * G + 32 * (b + 1) / L->g;
-                float s0 = scale_at(L->s, s16, g0), m0 = L->m ? scale_at(L->m, s16, g0) : -8.0f * s0;
-                float s1 = scale_at(L->s, s16, g1), m1 = L->m ? scale_at(L->m, s16, g1) : -8.0f * s1;
-                for (int t = 0; t < 32; t++) {
-                    o[32 * b + t] = (float)(q[t] & 15) * s0 + m0;
-                    o[32 * b + t + 32] = (float)(q[t] >> 4) * s1 + m1;
+            __m256 v[8];
+            for (int r = 0; r < 8; r++) v[r] = h + r < R ? row8(&L, fmt, n + h + r, k0 + k, gk) : _mm256_setzero_ps();
+            transpose8(v);
+            for (int j = 0; j < 8; j++) _mm256_store_ps(panel + (k + j) * PR + h, v[j]);
+        }
+}
+#endif
+
+/* rows [n, n + R) of W, inputs [k0, k0 + kc), as fp32 in panel[k * PR + r]; rows past R are zero */
+static void expand(const Linear *L, i64 n, int R, i64 k0, i64 kc, float *panel) {
+#ifdef HERD_AVX2
+    switch (L->fmt) {
+    case 0: expand_fmt(L, 0, n, R, k0, kc, panel); break;
+    case 1: expand_fmt(L, 1, n, R, k0, kc, panel); break;
+    case 2: expand_fmt(L, 2, n, R, k0, kc, panel); break;
+    case 3: expand_fmt(L, 3, n, R, k0, kc, panel); break;
+    default: expand_fmt(L, 4, n, R, k0, kc, panel);
+    }
+#else
+    for (i64 k = 0; k < kc; k++)
+        for (int r = 0; r < PR; r++) panel[k * PR + r] = r < R ? weight_at(L, n + r, k0 + k) : 0.0f;
+#endif
+}
+
+/* Bring rows [n, n + PR) of W, inputs [k0, k0 + kc), toward the cache: the next panel's weights,
+   fetched while this panel is multiplied (otherwise expand() waits on memory line by line) */
+static void prefetch_panel(const Linear *L, i64 n, i64 k0, i64 kc) {
+    static const int bits[] = {32, 16, 16, 8, 4};
+    i64 b = bits[L->fmt];
+    for (int r = 0; r < PR && n + r < L->N; r++) {
+        const char *row = (const char *)L->w + ((n + r) * L->K + k0) * b / 8;
+        for (i64 off = 0; off < kc * b / 8; off += 64) __builtin_prefetch(row + off, 0, 2);
+    }
+}
+
+/* y[c * N + r] (+= when `add`) sum over k < kc of panel[k * PR + r] * xp[k * PT + c], for r < R and
+   c < C (a compile-time constant where inlined) */
+INLINE void micro(const float *panel, i64 kc, const float *xp, int C, int R, float *y, i64 N, int add) {
+    float part[PT][PR];
+#ifdef HERD_AVX2
+    __m256 acc[PT][2];
+    for (int c = 0; c < C; c++) acc[c][0] = acc[c][1] = _mm256_setzero_ps();
+#pragma GCC unroll 4
+    for (i64 k = 0; k < kc; k++) {
+        __m256 a0 = _mm256_load_ps(panel + k * PR), a1 = _mm256_load_ps(panel + k * PR + 8);
+        for (int c = 0; c < C; c++) {
+            __m256 b = _mm256_broadcast_ss(xp + k * PT + c);
+            acc[c][0] = _mm256_fmadd_ps(a0, b, acc[c][0]);
+            acc[c][1] = _mm256_fmadd_ps(a1, b, acc[c][1]);
+        }
+    }
+    for (int c = 0; c < C; c++) {
+        float *out = y + c * N;
+        if (R == PR) {
+            _mm256_storeu_ps(out, add ? _mm256_add_ps(acc[c][0], _mm256_loadu_ps(out)) : acc[c][0]);
+            _mm256_storeu_ps(out + 8, add ? _mm256_add_ps(acc[c][1], _mm256_loadu_ps(out + 8)) : acc[c][1]);
+        } else {
+            _mm256_storeu_ps(part[c], acc[c][0]);
+            _mm256_storeu_ps(part[c] + 8, acc[c][1]);
+        }
+    }
+    if (R == PR) return;
+#else
+    for (int c = 0; c < C; c++)
+        for (int r = 0; r < R; r++) {
+            part[c][r] = 0.0f;
+            for (i64 k = 0; k < kc; k++) part[c][r] += panel[k * PR + r] * xp[k * PT + c];
+        }
+#endif
+    for (int c = 0; c < C; c++)
+        for (int r = 0; r < R; r++) y[c * N + r] = add ? y[c * N + r] + part[c][r] : part[c][r];
+}
+
+/* y[:, n0:n1] = x W[n0:n1]^T; xp: room for M (rounded up to PT) x KC floats */
+static void matmul_rows(const Linear *L, const float *x, i64 M, i64 n0, i64 n1, float *y, float *xp) {
+    i64 K = L->K, N = L->N;
+    float panel[KC * PR] __attribute__((aligned(32)));
+    for (i64 k0 = 0; k0 < K; k0 += KC) {
+        i64 kc = K - k0 < KC ? K - k0 : KC;
+        /* this slice of x, PT tokens at a time, input-major: one stream for the tile to broadcast from */
+        for (i64 m = 0; m < M; m += PT)
+            for (i64 k = 0; k < kc; k++)
+                for (i64 c = 0; c < PT; c++) xp[m * kc + k * PT + c] = m + c < M ? x[(m + c) * K + k0 + k] : 0.0f;
+        for (i64 n = n0; n < n1; n += PR) {
+            int R = n1 - n < PR ? (int)(n1 - n) : PR;
+            expand(L, n, R, k0, kc, panel);
+            prefetch_panel(L, n + PR, k0, kc);
+            for (i64 m = 0; m < M; m += PT) {
+                const float *xm = xp + m * kc;
+                float *ym = y + m * N + n;
+                if (k0 > 0) /* the sums the next tile adds to, out of cache since the last slice */
+                    for (i64 c = m + PT; c < m + 2 * PT && c < M; c++) PREFETCH(y + c * N + n);
+                switch (M - m < PT ? M - m : PT) {
+                case 1: micro(panel, kc, xm, 1, R, ym, N, k0 > 0); break;
+                case 2: micro(panel, kc, xm, 2, R, ym, N, k0 > 0); break;
+                case 3: micro(panel, kc, xm, 3, R, ym, N, k0 > 0); break;
+                case 4: micro(panel, kc, xm, 4, R, ym, N, k0 > 0); break;
+                case 5: micro(panel, kc, xm, 5, R, ym, N, k0 > 0); break;
+                default: micro(panel, kc, xm, 6, R, ym, N, k0 > 0);
                 }
             }
         }
+    }
+}
+
+/* y[M, N] = x[M, K] W^T for many tokens (prefill) */
+void herd_matmul(const Linear *L, const float *x, i64 M, float *y, int threads) {
+#pragma omp parallel num_threads(threads)
+    {
+        i64 panels = (L->N + PR - 1) / PR;
+        int t = THREAD_ID, nt = THREAD_COUNT;
+        i64 n0 = PR * (panels * t / nt), n1 = PR * (panels * (t + 1) / nt);
+        float *xp = malloc((M + PT) * KC * sizeof(float));
+        matmul_rows(L, x, M, n0, n1 < L->N ? n1 : L->N, y, xp);
+        free(xp);
     }
 }
 

@@ -30,7 +30,6 @@ _FLOAT_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloa
 # Up to this many tokens per call the weight-streaming kernel wins; beyond, expanding tiles of the
 # weight to fp32 and calling torch's matrix multiply does (measured on AVX2, see benchmarks/).
 MV_MAX_TOKENS = 16
-_TILE_BYTES = 2 << 20
 
 
 def kernel_ok(fmt: str, in_features: int, group_size: int | None) -> bool:
@@ -120,19 +119,9 @@ class PackedLinear(nn.Module):
         return y
 
     def _mm(self, lib, x: torch.Tensor) -> torch.Tensor:
-        """Many tokens (prefill): expand tiles of rows to fp32 in a cache-sized buffer and multiply."""
-        if self.fmt == "f32":
-            return F.linear(x, self.weight)
-        K, N = self.in_features, self.out_features
-        rows = max(8, _TILE_BYTES // (4 * K))
-        tile = torch.empty(min(rows, N), K)
-        yt = torch.empty(N, x.shape[0])
-        desc = ctypes.byref(self.describe())
-        for n0 in range(0, N, rows):
-            n1 = min(n0 + rows, N)
-            lib.herd_dequant(desc, n0, n1, tile.data_ptr(), native.threads())
-            torch.mm(tile[: n1 - n0], x.t(), out=yt[n0:n1])
-        return yt.t().contiguous()
+        y = torch.empty(x.shape[0], self.out_features)
+        lib.herd_matmul(ctypes.byref(self.describe()), x.data_ptr(), x.shape[0], y.data_ptr(), native.threads())
+        return y
 
 
 class PackedEmbedding(nn.Module):

@@ -37,7 +37,7 @@ class Linear(ctypes.Structure):
 
 _SIGNATURES = {
     "herd_linear": [_P, _P, _I, _P, _T],
-    "herd_dequant": [_P, _I, _I, _P, _T],
+    "herd_matmul": [_P, _P, _I, _P, _T],
     "herd_forward": [_P],
 }
 
@@ -88,6 +88,11 @@ def library() -> ctypes.CDLL | None:
         if error is not None:
             warnings.warn(f"herd: cannot build the C kernels ({error}); using slower torch code", stacklevel=2)
             return None
+    return load(path)
+
+
+def load(path: Path) -> ctypes.CDLL:
+    """A built kernel library, its entry points typed."""
     lib = ctypes.CDLL(str(path))
     for name, argtypes in _SIGNATURES.items():
         fn = getattr(lib, name)
