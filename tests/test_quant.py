@@ -60,7 +60,7 @@ LAYERS = [("f16", None, False), ("bf16", None, False), ("q8", None, False), ("q8
 
 @needs_kernels
 @pytest.mark.parametrize("fmt, group, symmetric", LAYERS)
-@pytest.mark.parametrize("tokens", [1, 3, 6])
+@pytest.mark.parametrize("tokens", [1, 3, 6, 29])
 def test_decode_kernels(fmt, group, symmetric, tokens):
     torch.manual_seed(1)
     layer = pack_weight(torch.randn(70, 256) * 0.05, fmt, group, symmetric)  # odd rows: a lone last row
@@ -78,10 +78,10 @@ def test_decode_kernels(fmt, group, symmetric, tokens):
 @pytest.mark.parametrize("fmt, group, symmetric", [("f32", None, False)] + LAYERS)
 def test_prefill_kernels_are_the_fp32_product(fmt, group, symmetric):
     torch.manual_seed(2)
-    # 1000 rows: a part panel of 8 rows; 1152 inputs: two slices of 512 and one of 128; 23 tokens:
-    # groups of 6 and a last one of 5
+    # 1000 rows: a part panel of 8 rows; 1152 inputs: two slices of 512 and one of 128; 23 or 39
+    # tokens: groups of 6 and a part group
     layer = pack_weight(torch.randn(1000, 1152) * 0.05, fmt, group, symmetric)
-    x = torch.randn(MV_MAX_TOKENS + 7, 1152)
+    x = torch.randn(MV_MAX_TOKENS[fmt] + 7, 1152)
     torch.testing.assert_close(layer(x), x @ layer.dequantize().T, rtol=1e-5, atol=1e-5)
 
 
@@ -95,7 +95,7 @@ def test_portable_kernels(tmp_path, monkeypatch):
     torch.manual_seed(4)
     for fmt, group, symmetric in [("f32", None, False)] + LAYERS:
         layer = pack_weight(torch.randn(40, 1152) * 0.05, fmt, group, symmetric)
-        few, many = torch.randn(3, 1152), torch.randn(MV_MAX_TOKENS + 7, 1152)
+        few, many = torch.randn(3, 1152), torch.randn(MV_MAX_TOKENS[fmt] + 7, 1152)
         expected = few @ layer.dequantize().T
         if fmt in ("q8", "q4"):
             expected = _emulate(layer, few).float()

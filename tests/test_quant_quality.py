@@ -88,11 +88,15 @@ def test_gguf_kept_quantized(smollm2_gguf, reference, text_ids, base_ppl):
 
 
 def test_int8_greedy_matches(fp32, reference):
+    """Each prompt on its own. (Batched, the five prompts' 45 padded tokens take the fp32 prefill
+    kernel instead of the int8 one, and "Water boils at 1" is a near-tie in the int8 model: '0'
+    leads '1' by 0.03 of a logit, so which kernel prefilled decides it.)"""
     prompts = ["The capital of France is", "Water boils at", "def square(x):\n", "My favourite book is",
                "The largest planet in the solar system"]
     plain = LLM(fp32, reference.tokenizer)
     int8 = LLM(quantize(copy.deepcopy(fp32), 8), reference.tokenizer)
-    assert int8.generate(prompts, max_tokens=16, temperature=0) == plain.generate(prompts, max_tokens=16, temperature=0)
+    for prompt in prompts:
+        assert int8.generate(prompt, max_tokens=16, temperature=0) == plain.generate(prompt, max_tokens=16, temperature=0)
 
 
 def test_load_options(smollm2_gguf):

@@ -1,9 +1,11 @@
 /* herd's CPU kernels for weight-only quantized and 16-bit linear layers.
  *
  * Decoding one token multiplies every weight matrix by one activation vector: the time is the time
- * to stream the weights from memory, so the kernels read each weight once per call, keep it
- * compressed in memory and expand it in registers. Matrices are row-major [N, K] (out x in), as in
- * torch.nn.Linear; x is [M, K] (M small: one row per token of a decode step), y is [M, N].
+ * to stream the weights from memory, so the decode kernels (herd_linear, herd_forward) read each
+ * weight once per call, keep it compressed in memory and expand it in registers. Prefill (dozens of
+ * tokens) is arithmetic-bound instead: herd_matmul is a blocked matrix multiply on weights expanded
+ * to fp32 (its own section below). Matrices are row-major [N, K] (out x in), as in torch.nn.Linear;
+ * x is [M, K] (one row per token), y is [M, N].
  *
  * Formats:
  *   f32, f16, bf16   plain weights; y = x W^T computed in fp32.

@@ -27,9 +27,11 @@ from herd.quant import native
 
 FORMATS = ("f32", "f16", "bf16", "q8", "q4")
 _FLOAT_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
-# Up to this many tokens per call the weight-streaming kernel wins; beyond, expanding tiles of the
-# weight to fp32 and calling torch's matrix multiply does (measured on AVX2, see benchmarks/).
-MV_MAX_TOKENS = 16
+# Up to this many tokens per call the weight-streaming kernels win (herd_linear: each weight is read
+# once per 4 tokens, and int8/int4 multiply in integers); beyond, the blocked fp32 matrix multiply
+# does (herd_matmul). Measured on 2 Zen 3 cores, 5632 x 2048: they cross near 24 tokens for 16-bit
+# weights and near 48 for int8/int4.
+MV_MAX_TOKENS = {"f32": 16, "f16": 16, "bf16": 16, "q8": 32, "q4": 32}
 
 
 def kernel_ok(fmt: str, in_features: int, group_size: int | None) -> bool:
@@ -110,7 +112,7 @@ class PackedLinear(nn.Module):
         if lib is None:
             return F.linear(x.float(), self.dequantize())
         x2 = x.reshape(-1, self.in_features).float().contiguous()
-        y = self._mv(lib, x2) if x2.shape[0] <= MV_MAX_TOKENS else self._mm(lib, x2)
+        y = self._mv(lib, x2) if x2.shape[0] <= MV_MAX_TOKENS[self.fmt] else self._mm(lib, x2)
         return y.view(*x.shape[:-1], self.out_features)
 
     def _mv(self, lib, x: torch.Tensor) -> torch.Tensor:
