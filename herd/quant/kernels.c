@@ -511,16 +511,18 @@ void herd_linear(const Linear *L, const float *x, i64 M, float *y, int threads) 
 /* ---- many tokens (prefill): a blocked matrix multiply on weights expanded to fp32 ----
  *
  * With dozens of tokens per weight the time is arithmetic, not memory, so this is laid out like
- * BLIS's kernels: for each slice of KC inputs (all tokens' slice of x stays in L2) each thread
- * expands PR = 16 of its rows to fp32 in a panel stored input-major (panel[k * PR + r], 16 KB, in
- * L1), then multiplies it with PT = 6 tokens at a time: per input, the panel's two 8-row vectors
- * times six broadcast activations into 12 sums held in registers, with no horizontal sums.
+ * BLIS's kernels: for each slice of KC inputs (all tokens' slice of x, packed PT tokens at a time,
+ * stays in L2) each thread expands PR = 16 of its rows to fp32 in a panel stored input-major
+ * (panel[k * PR + r], 32 KB), then multiplies it with PT = 6 tokens at a time: per input, the
+ * panel's two 8-row vectors times six broadcast activations into 12 sums held in registers, with no
+ * horizontal sums.
  * Activations stay fp32 (unlike herd_linear): the arithmetic of F.linear on the dequantized weight.
  */
 #define KC 512
 #define PR 16
 #define PT 6
 
+#ifndef HERD_AVX2
 /* element k of row n of W as fp32 */
 static float weight_at(const Linear *L, i64 n, i64 k) {
     i64 K = L->K, G = L->g ? K / L->g : 0, i = n * K + k;
@@ -537,6 +539,7 @@ static float weight_at(const Linear *L, i64 n, i64 k) {
     }
     }
 }
+#endif
 
 #ifdef HERD_AVX2
 /* inputs [k, k + 8) of row n of W as fp32 (k a multiple of 8; `gk` = k / g for q8 and q4; `fmt` a
