@@ -112,18 +112,10 @@ class PackedLinear(nn.Module):
         if lib is None:
             return F.linear(x.float(), self.dequantize())
         x2 = x.reshape(-1, self.in_features).float().contiguous()
-        y = self._mv(lib, x2) if x2.shape[0] <= MV_MAX_TOKENS[self.fmt] else self._mm(lib, x2)
+        kernel = lib.herd_linear if x2.shape[0] <= MV_MAX_TOKENS[self.fmt] else lib.herd_matmul
+        y = torch.empty(x2.shape[0], self.out_features)
+        kernel(ctypes.byref(self.describe()), x2.data_ptr(), x2.shape[0], y.data_ptr(), native.threads())
         return y.view(*x.shape[:-1], self.out_features)
-
-    def _mv(self, lib, x: torch.Tensor) -> torch.Tensor:
-        y = torch.empty(x.shape[0], self.out_features)
-        lib.herd_linear(ctypes.byref(self.describe()), x.data_ptr(), x.shape[0], y.data_ptr(), native.threads())
-        return y
-
-    def _mm(self, lib, x: torch.Tensor) -> torch.Tensor:
-        y = torch.empty(x.shape[0], self.out_features)
-        lib.herd_matmul(ctypes.byref(self.describe()), x.data_ptr(), x.shape[0], y.data_ptr(), native.threads())
-        return y
 
 
 class PackedEmbedding(nn.Module):
