@@ -54,11 +54,13 @@ def _compiler() -> str | None:
     return None
 
 
-def _build(cc: str, out: Path) -> str | None:
+_FLAG_SETS = [["-march=native", "-fopenmp"], ["-march=native"], ["-fopenmp"], []]
+
+
+def _build(cc: str, out: Path, tries: list[list[str]] = _FLAG_SETS) -> str | None:
     """Compile to `out`; the first flag set that works wins (OpenMP and -march=native are optional).
     Returns the compiler's complaint when nothing worked."""
     base = [cc, "-O3", "-fPIC", "-shared", "-std=c11", "-D_GNU_SOURCE", str(SOURCE), "-lm"]
-    tries = [["-march=native", "-fopenmp"], ["-march=native"], ["-fopenmp"], []]
     error = ""
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         for flags in tries:
