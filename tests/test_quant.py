@@ -3,6 +3,7 @@ emulation of their arithmetic, GGUF blocks repacked to exactly gguf-py's dequant
 native decode step equal to the torch forward."""
 
 import copy
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ import torch
 from gguf import GGMLQuantizationType as T
 from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize as gguf_quantize
+from safetensors.torch import load_file, save_file
 from conftest import require_shared
 from helpers import spread_init
 
@@ -213,6 +215,41 @@ def test_native_forward_steps_aside():
             model(torch.zeros(1, 1, dtype=torch.long), torch.tensor([8]), cache)
     logits = model(torch.zeros(1, 2, dtype=torch.long), None, cache)
     assert logits.requires_grad
+
+
+def _huge_kb(address: int) -> int:
+    """AnonHugePages of this process's mapping that holds `address`."""
+    smaps = Path("/proc/self/smaps").read_text().splitlines()
+    for i, line in enumerate(smaps):
+        first = line.split()[0]
+        if "-" in first and not first.endswith(":"):
+            lo, hi = (int(a, 16) for a in first.split("-"))
+            if lo <= address < hi:
+                return next(int(x.split()[1]) for x in smaps[i + 1:] if x.startswith("AnonHugePages:"))
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+@torch.inference_mode()
+def test_enable_moves_weights_into_huge_pages(tmp_path):
+    """enable() copies the weights into one block of 2 MB pages: every value is unchanged, tied
+    weights stay one tensor, each tensor keeps a storage of its own (safetensors saves them), and
+    where the kernel gives huge pages on request (Linux THP) the weights are in them."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(dim=512, n_layers=2, n_heads=8, n_kv_heads=4, vocab_size=4096, hidden_dim=1024,
+                      max_seq_len=64, tie_embeddings=True)
+    model = spread_init(Transformer(cfg)).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    enable(model)
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert model.output.weight is model.tok_embeddings.weight
+    save_file({k: v for k, v in after.items() if k != "output.weight"}, tmp_path / "w.safetensors")
+    assert torch.equal(load_file(tmp_path / "w.safetensors")["layers.1.feed_forward.w2.weight"],
+                       before["layers.1.feed_forward.w2.weight"])
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if not thp.exists() or "[never]" in thp.read_text():
+        pytest.skip("transparent huge pages are off on this machine")
+    assert _huge_kb(model.layers[0].feed_forward.w1.weight.data_ptr()) >= 8 * 1024  # the whole block: ~13 MB
 
 
 def test_quantize_errors():

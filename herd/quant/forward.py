@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import mmap
 
 import torch
 from torch import nn
@@ -158,9 +159,11 @@ def enable(model: Transformer) -> Transformer:
     Also moves every object alive now (the model's modules and tensors among them) out of reach of
     Python's cyclic garbage collector (`gc.freeze`): each step allocates a few objects, which
     triggers collections that would otherwise walk the whole model (6% of a 1B int4 decode step);
-    and keeps freed memory in the process (`_keep_freed_memory`).
+    moves the weights into 2 MB pages (`_weights_in_huge_pages`); and keeps freed memory in the
+    process (`_keep_freed_memory`).
     """
     model.fast_forward = NativeForward()
+    _weights_in_huge_pages(model)
     gc.freeze()
     _keep_freed_memory()
     return model
@@ -182,3 +185,49 @@ def _keep_freed_memory() -> None:
     m_trim_threshold, m_mmap_threshold = -1, -3
     mallopt(m_trim_threshold, 2**31 - 1)
     mallopt(m_mmap_threshold, 32 << 20)
+
+
+_HUGE = 2 << 20
+
+
+def _weights_in_huge_pages(model: nn.Module) -> None:
+    """Copy the model's CPU tensors into one block of memory backed by transparent huge pages (2 MB),
+    in the order the forward pass reads them, each tensor keeping a storage of its own.
+
+    A decode step streams every weight once. In 4 KB pages that is a TLB miss, and in a virtual
+    machine a nested page walk, every 4 KB, and the hardware prefetchers stop at each page's end;
+    in 2 MB pages decoding runs faster (2 Zen 3 cores in a VM, decode tok/s: stories110M fp32 +5
+    to +17%, TinyLlama f16 +10-17%, int4 +4%, each against the same model in 4 KB pages in one
+    process). Linux only: elsewhere nothing moves. Each old tensor is freed as soon as it is copied,
+    so the peak memory is the model's plus one tensor, if nothing else holds the old tensors.
+    Tensors shared between modules (tied embeddings) stay shared."""
+    advice = getattr(mmap, "MADV_HUGEPAGE", None)
+    offsets = {}  # (address, dtype, shape) -> offset in the block
+    places = []  # (dict, key, ident): no tensors, so that each old tensor is freed once moved
+    end = 0
+    for module in model.modules():
+        for where in (module._parameters, module._buffers):
+            for key, t in where.items():
+                if t is None or t.device.type != "cpu" or not t.is_contiguous():
+                    continue
+                ident = (t.data_ptr(), t.dtype, tuple(t.shape))
+                if ident not in offsets:
+                    offsets[ident] = end
+                    end += -(-t.numel() * t.element_size() // 64) * 64
+                places.append((where, key, ident))
+    if advice is None or end < _HUGE:
+        return
+    block = mmap.mmap(-1, end + _HUGE, flags=mmap.MAP_PRIVATE)
+    start = -torch.frombuffer(block, dtype=torch.uint8, count=1).data_ptr() % _HUGE
+    block.madvise(advice, start, end)
+    moved = {}
+    for where, key, ident in places:
+        if ident not in moved:
+            t, (_, dtype, shape) = where[key], ident
+            nbytes = t.numel() * t.element_size()
+            raw = torch.frombuffer(block, dtype=torch.uint8, count=nbytes, offset=start + offsets[ident]) if nbytes \
+                else torch.empty(0, dtype=torch.uint8)
+            new = raw.view(dtype).view(shape).copy_(t.detach())
+            moved[ident] = nn.Parameter(new, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else new
+            del t
+        where[key] = moved[ident]

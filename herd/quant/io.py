@@ -65,7 +65,9 @@ def load_model(path: str | Path, dtype: torch.dtype, device: str = "cpu", quanti
         elif cpu and dtype in (torch.float16, torch.bfloat16):
             quantize(model, 16)
     if cpu:
+        ckpt.state_dict = {}  # the model holds the weights: each can be freed once enable() has moved it
         forward.enable(model)
+        ckpt.state_dict = model.state_dict()
     return model.to(device).eval(), ckpt
 
 
