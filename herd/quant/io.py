@@ -44,6 +44,7 @@ def load_model(path: str | Path, dtype: torch.dtype, device: str = "cpu", quanti
     kernels' int8 activations change some greedy outputs). "int8" / "int4" quantize the weights
     (a GGUF quant is dequantized first). On the CPU 16-bit weights
     are packed (computed in fp32: torch's CPU bf16 matmul is very slow) and decode steps run natively.
+    The Checkpoint's state_dict is left empty on the CPU: the weights are the model's.
     """
     path = Path(path)
     if quantize_to not in (None, "keep", *SCHEMES):
@@ -67,7 +68,6 @@ def load_model(path: str | Path, dtype: torch.dtype, device: str = "cpu", quanti
     if cpu:
         ckpt.state_dict = {}  # the model holds the weights: each can be freed once enable() has moved it
         forward.enable(model)
-        ckpt.state_dict = model.state_dict()
     return model.to(device).eval(), ckpt
 
 
