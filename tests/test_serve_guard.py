@@ -121,7 +121,6 @@ def test_guard_withholds_flagged_replies(parts):
         assert (r.json()["message"]["content"], r.json()["done_reason"]) == ("", "content_filter")
 
 
-
 def test_a_chat_of_system_messages_only_is_served_and_its_reply_judged(parts):
     """No user turn: nothing of the user's to screen, so the request is served; the reply is
     judged as a message on its own (flagged by the always-unsafe guard, passed by the safe one)."""

@@ -195,9 +195,9 @@ def _weights_in_huge_pages(model: nn.Module) -> None:
     in the order the forward pass reads them, each tensor keeping a storage of its own.
 
     A decode step streams every weight once. In 4 KB pages that is a TLB miss, and in a virtual
-    machine a nested page walk, every 4 KB; in 2 MB pages decoding runs faster (2 Zen 3 cores in a VM, decode tok/s: stories110M fp32 +5
-    to +17%, TinyLlama f16 +10-17%, int4 +4%, each against the same model in 4 KB pages in one
-    process). Linux only: elsewhere nothing moves. Each old tensor is freed as soon as it is copied,
+    machine a nested page walk, every 4 KB; in 2 MB pages decoding runs faster (2 Zen 3 cores in a
+    VM, decode tok/s: stories110M fp32 +5 to +17%, TinyLlama f16 +10-17%, int4 +4%, each against
+    the same model in 4 KB pages in one process). Linux only: elsewhere nothing moves. Each old tensor is freed as soon as it is copied,
     so the peak memory is the model's plus one tensor, if nothing else holds the old tensors.
     Tensors shared between modules (tied embeddings) stay shared."""
     advice = getattr(mmap, "MADV_HUGEPAGE", None)
