@@ -85,15 +85,41 @@ static void quantize_x(const float *x, i64 M, i64 K, int8_t *xq, float *xd, floa
     i64 nb = K / 32;
     for (i64 i = 0; i < M * nb; i++) {
         const float *v = x + i * 32;
+        float d;
+        int sum = 0;
+#ifdef HERD_AVX2
+        /* the same numbers as the loops below (round half to even, like nearbyintf), 8 at a time */
+        const __m256 sign = _mm256_set1_ps(-0.0f);
+        __m256 a[4];
+        for (int j = 0; j < 4; j++) a[j] = _mm256_loadu_ps(v + 8 * j);
+        __m256 big = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, a[0]), _mm256_andnot_ps(sign, a[1])),
+                                   _mm256_max_ps(_mm256_andnot_ps(sign, a[2]), _mm256_andnot_ps(sign, a[3])));
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(big), _mm256_extractf128_ps(big, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        d = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4))) / 127.0f;
+        __m256 id = _mm256_set1_ps(d ? 1.0f / d : 0.0f);
+        __m256i q[4];
+        for (int j = 0; j < 4; j++)
+            q[j] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(a[j], id), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+        __m256i s8 = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+        __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s8), _mm256_extracti128_si256(s8, 1));
+        s4 = _mm_hadd_epi32(s4, s4);
+        sum = _mm_cvtsi128_si32(_mm_hadd_epi32(s4, s4));
+        /* packing interleaves the four vectors 4 values at a time; the permute restores the order */
+        __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+        bytes = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256((__m256i *)(xq + i * 32), bytes);
+#else
         float amax = 0.0f;
         for (int j = 0; j < 32; j++) amax = fmaxf(amax, fabsf(v[j]));
-        float d = amax / 127.0f, id = d ? 1.0f / d : 0.0f;
-        int sum = 0;
+        d = amax / 127.0f;
+        float id = d ? 1.0f / d : 0.0f;
         for (int j = 0; j < 32; j++) {
             int q = (int)nearbyintf(v[j] * id);
             xq[i * 32 + j] = (int8_t)q;
             sum += q;
         }
+#endif
         xd[i] = d;
         xs[i] = d * (float)sum;
     }
