@@ -457,10 +457,18 @@ static void linear_rows(const Linear *L, const Input *in, i64 n0, i64 n1, float 
     }
 }
 
-/* Thread t of nt's share of layer L's rows, in whole pairs. */
+/* Thread t of nt's share [*n0, *n1) of N rows, in whole pairs (*n1 may be N + 1 when N is odd). */
+static void share(i64 N, int t, int nt, i64 *n0, i64 *n1) {
+    i64 pairs = (N + 1) / 2;
+    *n0 = 2 * (pairs * t / nt);
+    *n1 = 2 * (pairs * (t + 1) / nt);
+}
+
+/* Thread t of nt's share of layer L's rows. */
 static void linear_share(const Linear *L, const Input *in, int t, int nt, float *y) {
-    i64 pairs = (L->N + 1) / 2;
-    linear_rows(L, in, 2 * (pairs * t / nt), 2 * (pairs * (t + 1) / nt), y);
+    i64 n0, n1;
+    share(L->N, t, nt, &n0, &n1);
+    linear_rows(L, in, n0, n1, y);
 }
 
 /* ---- threads: one OpenMP team per call, meeting at a spin-then-sleep barrier ----
@@ -907,9 +915,13 @@ void herd_forward(const Step *st) {
             barrier_wait(&bar, nt);
             linear_share(&L->w1, &in, t, nt, h1);
             linear_share(&L->w3, &in, t, nt, h3);
+            i64 j0, j1; /* each thread gates the hidden units it computed */
+            share(md->hidden, t, nt, &j0, &j1);
+            if (j1 > md->hidden) j1 = md->hidden;
+            for (i64 i = 0; i < M; i++)
+                for (i64 j = i * md->hidden + j0; j < i * md->hidden + j1; j++) h1[j] = h1[j] / (1.0f + expf(-h1[j])) * h3[j];
             barrier_wait(&bar, nt);
             if (t == 0) {
-                for (i64 j = 0; j < M * md->hidden; j++) h1[j] = h1[j] / (1.0f + expf(-h1[j])) * h3[j];
                 input_set(&in, h1, M, md->hidden);
                 input_prepare(&in, &L->w2);
             }
