@@ -5,6 +5,7 @@ import torch
 
 from herd.errors import HerdError
 from herd.generate import Sampler, SamplingParams, StopStrings
+from herd.generate.sampling import draw
 
 
 def sampler(**kw) -> Sampler:
@@ -25,6 +26,12 @@ def test_greedy_is_argmax():
 def test_sampling_follows_the_softmax():
     freq = draws(sampler(temperature=1.0, seed=0), LOGITS)
     torch.testing.assert_close(freq, LOGITS.exp(), atol=0.03, rtol=0)
+
+
+def test_draw_never_picks_a_zero_weight_token():
+    gen = torch.Generator().manual_seed(0)
+    for weights, only in (([0.0, 1.0, 0.0], 1), ([0.0, 0.0, 2.0], 2), ([3.0, 0.0, 0.0], 0)):
+        assert {draw(torch.tensor(weights), gen) for _ in range(200)} == {only}
 
 
 def test_temperature_sharpens():

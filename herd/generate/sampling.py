@@ -58,6 +58,15 @@ class SamplingParams:
                 raise HerdError(message)
 
 
+def draw(probs: torch.Tensor, generator: torch.Generator) -> int:
+    """A token drawn from `probs` (non-negative weights of any sum): the cumulative sum inverted at
+    a uniform draw. torch.multinomial takes ~1.5 ms for one draw over a 49K vocabulary here (16
+    rows of a serving step spent 23 ms in it), this ~0.1 ms."""
+    cdf = probs.double().cumsum(0)
+    u = torch.rand(1, generator=generator, dtype=torch.float64) * cdf[-1]
+    return int(torch.searchsorted(cdf, u, right=True)[0].clamp(max=probs.numel() - 1))
+
+
 def _finite(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
@@ -90,7 +99,7 @@ class Sampler:
         return int(probs.argmax()) if self.params.temperature == 0 else self.draw(probs)
 
     def draw(self, probs: torch.Tensor) -> int:
-        return int(torch.multinomial(probs, 1, generator=self.generator))
+        return draw(probs, self.generator)
 
     def probs(self, logits: torch.Tensor) -> torch.Tensor:
         """The distribution the next token is drawn from: logits after the penalties, temperature,

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 import torch
 
 from herd.errors import HerdError
+from herd.generate.sampling import draw
 from herd.generate.sequence import Sequence
 from herd.model import KVCache, Transformer
 
@@ -100,7 +101,7 @@ def accept(p: torch.Tensor, q: torch.Tensor | None, token: int, generator: torch
         residual = (residual - q).clamp_min(0.0)
     if float(residual.sum()) <= 0:  # p == q: keeping was certain; only rounding gets here
         return token
-    return int(torch.multinomial(residual, 1, generator=generator))
+    return draw(residual, generator)
 
 
 def verified(seq: Sequence, logits: torch.Tensor, drafts: list[int], qs: list) -> Iterator[int]:
