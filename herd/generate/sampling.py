@@ -96,10 +96,7 @@ class Sampler:
     def __call__(self, logits: torch.Tensor) -> int:
         """Next token for logits [vocab] (any device/dtype)."""
         probs = self.probs(logits)
-        return int(probs.argmax()) if self.params.temperature == 0 else self.draw(probs)
-
-    def draw(self, probs: torch.Tensor) -> int:
-        return draw(probs, self.generator)
+        return int(probs.argmax()) if self.params.temperature == 0 else draw(probs, self.generator)
 
     def probs(self, logits: torch.Tensor) -> torch.Tensor:
         """The distribution the next token is drawn from: logits after the penalties, temperature,

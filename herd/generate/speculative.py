@@ -80,7 +80,7 @@ class DraftModel:
                 token, q = int(logits.argmax()), None
             else:
                 q = sampler.probs(logits)
-                token = sampler.draw(q)
+                token = draw(q, sampler.generator)
             tokens.append(token)
             qs.append(q)
             feed = [token]
