@@ -167,6 +167,7 @@ class Transformer(nn.Module):
         logits_at: torch.Tensor | None = None,
         doc_ids: torch.Tensor | None = None,
         targets: torch.Tensor | None = None,
+        static: bool = False,
     ) -> torch.Tensor:
         """Logits [B, T, vocab] for tokens [B, T].
 
@@ -182,8 +183,11 @@ class Transformer(nn.Module):
         targets: [B, T] next token of each position, for training: the result is then the summed
             cross-entropy over the targets that are not -100 (herd.model.loss; no [B, T, vocab]
             logits are kept).
+        static: attend over the whole cache under a mask, so that shapes never depend on the
+            positions and nothing is read back to the host (a step a CUDA graph can capture);
+            the caller keeps positions within the cache.
         """
-        if cache is not None and self.fast_forward is not None:
+        if cache is not None and self.fast_forward is not None and not static:
             logits = self.fast_forward(self, tokens, input_pos, cache, logits_at)
             if logits is not None:
                 return logits
@@ -193,23 +197,7 @@ class Transformer(nn.Module):
         input_pos = input_pos.expand(B, T)
         angles = input_pos.unsqueeze(-1).float() * self.inv_freq  # [B, T, D/2]
         cos, sin = angles.cos().unsqueeze(2), angles.sin().unsqueeze(2)
-        mask = local_mask = None
-        key_pos = input_pos.unsqueeze(1)  # without a cache the keys are the tokens themselves
-        if cache is not None:
-            kv_len = int(input_pos.max()) + 1
-            if kv_len > cache.max_seq_len:
-                raise ValueError(f"position {kv_len - 1} is beyond the KV cache length {cache.max_seq_len}")
-            key_pos = torch.arange(kv_len, device=tokens.device)
-            mask = (key_pos <= input_pos.unsqueeze(-1)).unsqueeze(1)  # [B, 1, T, kv_len]
-        elif doc_ids is not None:
-            causal = torch.ones(T, T, dtype=torch.bool, device=tokens.device).tril()
-            mask = ((doc_ids.unsqueeze(-1) == doc_ids.unsqueeze(-2)) & causal).unsqueeze(1)  # [B, 1, T, T]
-        chunk = self.config.attention_chunk_size
-        if chunk is not None:  # causal within chunks of `chunk` positions
-            query_pos = input_pos.unsqueeze(-1)
-            local_mask = ((key_pos <= query_pos) & (key_pos // chunk == query_pos // chunk)).unsqueeze(1)
-            if mask is not None and cache is None:  # packed documents: and within the document
-                local_mask = local_mask & mask
+        mask, local_mask = self.masks(input_pos, cache, doc_ids, static)
         x = self.tok_embeddings(tokens)
         for layer in self.layers:
             x = layer(x, cos, sin, cache, input_pos, local_mask if layer.attention.chunked else mask)
@@ -218,3 +206,30 @@ class Transformer(nn.Module):
         if targets is not None:
             return cross_entropy_sum(self.norm(x), self.output, targets)
         return self.output(self.norm(x))
+
+    def masks(self, input_pos: torch.Tensor, cache: KVCache | None, doc_ids: torch.Tensor | None,
+              static: bool = False) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(mask, local mask) [B, 1, T, keys] for queries at input_pos [B, T] (True: attend). The
+        mask is None for plain causal attention without a cache; the local mask (Llama 4's chunked
+        layers) is None when the config has no chunks. With a cache the keys are its first
+        max position + 1 slots, or all of them when `static`."""
+        T = input_pos.shape[1]
+        device = input_pos.device
+        mask = local_mask = None
+        key_pos = input_pos.unsqueeze(1)  # without a cache the keys are the tokens themselves
+        if cache is not None:
+            kv_len = cache.max_seq_len if static else int(input_pos.max()) + 1
+            if kv_len > cache.max_seq_len:
+                raise ValueError(f"position {kv_len - 1} is beyond the KV cache length {cache.max_seq_len}")
+            key_pos = torch.arange(kv_len, device=device)
+            mask = (key_pos <= input_pos.unsqueeze(-1)).unsqueeze(1)  # [B, 1, T, kv_len]
+        elif doc_ids is not None:
+            causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+            mask = ((doc_ids.unsqueeze(-1) == doc_ids.unsqueeze(-2)) & causal).unsqueeze(1)  # [B, 1, T, T]
+        chunk = self.config.attention_chunk_size
+        if chunk is not None:  # causal within chunks of `chunk` positions
+            query_pos = input_pos.unsqueeze(-1)
+            local_mask = ((key_pos <= query_pos) & (key_pos // chunk == query_pos // chunk)).unsqueeze(1)
+            if mask is not None and cache is None:  # packed documents: and within the document
+                local_mask = local_mask & mask
+        return mask, local_mask
