@@ -148,12 +148,87 @@ def test_bad_training_input_is_a_one_line_error(shakespeare, tmp_path, args, mes
 
 
 def test_an_output_directory_with_checkpoints_needs_resume(shakespeare, tmp_path):
-    args = ["pretrain", "--data", shakespeare, *TINY, "--steps", 2, "--batch-size", 2, "-o", tmp_path]
-    assert herd_here(*args)[0] == 0
-    code, err = herd_here(*args)
+    args = ["pretrain", "--data", shakespeare, *TINY, "--batch-size", 2, "-o", tmp_path]
+    assert herd_here(*args, "--steps", 2)[0] == 0
+    code, err = herd_here(*args, "--steps", 2)
     assert code == 2 and "pass --resume" in err
-    code, err = herd_here(*args, "--resume")
-    assert code == 2 and "already trained to step 2" in err
+    code, err = herd_here(*args, "--steps", 1, "--resume")
+    assert code == 2 and "already trained to step 2, past --steps 1" in err
+
+
+def kill_before_publishing(monkeypatch, name: str) -> None:
+    """Make the next run stop as a kill would after its last checkpoint, just before OUT/name is
+    renamed into place (its temporary copy half written)."""
+    from herd.train import recipes
+
+    publish = recipes._publish
+
+    def killed(run_dir, target, *args):
+        if target == name:
+            (run_dir / f".tmp-{name}").mkdir()
+            raise KeyboardInterrupt
+        return publish(run_dir, target, *args)
+
+    monkeypatch.setattr(recipes, "_publish", killed)
+
+
+def files(directory) -> dict[str, tuple[int, int]]:
+    """name -> (inode, modification time): changes if a file is written again."""
+    return {f.name: (f.stat().st_ino, f.stat().st_mtime_ns) for f in directory.iterdir()}
+
+
+def same_weights(a, b) -> bool:
+    a, b = load_file(a), load_file(b)
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_run_killed_before_its_model_was_written_writes_it_on_resume(shakespeare, tmp_path, monkeypatch):
+    import herd as herd_api
+
+    args = ["pretrain", "--data", shakespeare, *TINY, "--batch-size", 2, "--keep", 1]
+    assert herd_here(*args, "--steps", 3, "-o", tmp_path / "whole")[0] == 0
+    run = tmp_path / "killed"
+    with monkeypatch.context() as m:
+        kill_before_publishing(m, "model")
+        assert herd_here(*args, "--steps", 3, "-o", run)[0] == 130
+    assert not (run / "model").exists()
+    assert herd_here(*args, "--steps", 3, "-o", run, "--resume") == (0, "")
+    assert same_weights(tmp_path / "whole" / "model" / "model.safetensors", run / "model" / "model.safetensors")
+    assert herd_api.load(run / "model").generate("ROMEO:", max_tokens=3, temperature=0)
+    published = files(run / "model")
+    assert herd_here(*args, "--steps", 3, "-o", run, "--resume") == (0, "")
+    assert files(run / "model") == published  # nothing written again
+    # trained further and killed again: the model of step 3 is not taken for that of step 5
+    with monkeypatch.context() as m:
+        kill_before_publishing(m, "model")
+        assert herd_here(*args, "--steps", 5, "-o", run, "--resume")[0] == 130
+    assert herd_here(*args, "--steps", 5, "-o", run, "--resume") == (0, "")
+    assert not same_weights(tmp_path / "whole" / "model" / "model.safetensors", run / "model" / "model.safetensors")
+    assert same_weights(run / "checkpoints" / "step-00000005" / "export" / "model.safetensors",
+                        run / "model" / "model.safetensors")
+
+
+@pytest.mark.parametrize("killed_before", ["adapter", "model"])
+def test_a_finetune_killed_before_its_exports_were_written_writes_them_on_resume(shakespeare, tmp_path, monkeypatch,
+                                                                                 killed_before):
+    base = tmp_path / "base"
+    assert herd_here("pretrain", "--data", shakespeare, *TINY, "--steps", 1, "--batch-size", 2, "-o", base)[0] == 0
+    args = ["finetune", "-m", base / "model", "--data", shakespeare, "--lora-r", 4, "--steps", 2, "--batch-size", 2,
+            "--seq-len", 32, "--merge", "--no-progress"]
+    torch.manual_seed(0)  # LoRA initialises its adapters from torch's global generator
+    assert herd_here(*args, "-o", tmp_path / "whole")[0] == 0
+    run = tmp_path / "killed"
+    with monkeypatch.context() as m:
+        kill_before_publishing(m, killed_before)
+        torch.manual_seed(0)
+        assert herd_here(*args, "-o", run)[0] == 130
+    assert not (run / killed_before).exists()
+    assert herd_here(*args, "-o", run, "--resume") == (0, "")
+    for name, weights in [("adapter", "adapter_model.safetensors"), ("model", "model.safetensors")]:
+        assert same_weights(tmp_path / "whole" / name / weights, run / name / weights)
+    published = {name: files(run / name) for name in ("adapter", "model")}
+    assert herd_here(*args, "-o", run, "--resume") == (0, "")
+    assert {name: files(run / name) for name in ("adapter", "model")} == published
 
 
 # ---- the loop itself, in process ----

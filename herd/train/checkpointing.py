@@ -104,9 +104,8 @@ def save(run_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Opti
     return final
 
 
-def load(ckpt: Path, model: nn.Module, optimizer: torch.optim.Optimizer, trainable_only: bool, d: Dist) -> dict:
-    """Restore model, optimizer and random state from checkpoint `ckpt` (resharding as needed);
-    returns its trainer.json."""
+def load(ckpt: Path, model: nn.Module, optimizer: torch.optim.Optimizer, trainable_only: bool, d: Dist) -> None:
+    """Restore model, optimizer and random state from checkpoint `ckpt` (resharding as needed)."""
     model_sd, optim_sd = get_state_dict(model, optimizer, options=_options(trainable_only))
     state = {"model": _trainable(model, model_sd, trainable_only), "optim": optim_sd}
     try:
@@ -124,4 +123,8 @@ def load(ckpt: Path, model: nn.Module, optimizer: torch.optim.Optimizer, trainab
     torch.set_rng_state(rng["cpu"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def trainer_state(ckpt: Path) -> dict:
+    """Checkpoint `ckpt`'s trainer.json: step, units seen, elapsed time, the data trained on."""
     return json.loads((ckpt / "trainer.json").read_text())

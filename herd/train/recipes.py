@@ -3,13 +3,17 @@ trainer, and leave a loadable model in the run directory:
   OUT/model/     HF directory + tokenizer (pretraining, full fine-tuning, or a merged adapter)
   OUT/adapter/   PEFT adapter (LoRA / QLoRA)
   OUT/metrics.jsonl, OUT/loss.png, OUT/config.json, OUT/checkpoints/
+model/ and adapter/ name the checkpoint they were made from (herd_checkpoint.json), so that
+--resume of a finished run writes them if a kill cut that short, and otherwise does nothing.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -56,18 +60,36 @@ def init_weights(model: Transformer, seed: int) -> Transformer:
     return model
 
 
-def _publish(run_dir: Path, name: str, d: Dist) -> Path:
-    """Copy the newest checkpoint's export to OUT/name (via a temporary name and a rename)."""
+SOURCE = "herd_checkpoint.json"  # in a published directory: the checkpoint it was made from
+
+
+def _copy_export(ckpt: Path, out: Path) -> None:
+    shutil.copytree(ckpt / "export", out)
+
+
+def _publish(run_dir: Path, name: str, d: Dist, write: Callable[[Path, Path], None] = _copy_export) -> Path:
+    """Make OUT/name from the newest checkpoint with write(checkpoint, directory), via a temporary
+    name and a rename; nothing when OUT/name was made from that checkpoint already."""
     target = run_dir / name
     if d.main:
-        newest = checkpointing.checkpoints(run_dir)[-1] / "export"
-        tmp = run_dir / f".tmp-{name}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(newest, tmp)
-        shutil.rmtree(target, ignore_errors=True)
-        os.rename(tmp, target)
+        newest = checkpointing.checkpoints(run_dir)[-1]
+        source = {"checkpoint": newest.name, **checkpointing.trainer_state(newest)}
+        if _source(target) != source:
+            tmp = run_dir / f".tmp-{name}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            write(newest, tmp)
+            (tmp / SOURCE).write_text(json.dumps(source, indent=2) + "\n")
+            shutil.rmtree(target, ignore_errors=True)
+            os.rename(tmp, target)
     barrier(d)
     return target
+
+
+def _source(published: Path) -> dict | None:
+    try:
+        return json.loads((published / SOURCE).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _save_model(cfg: ModelConfig, tok: Tokenizer, eos_ids: set[int], out: Path, sd: dict[str, torch.Tensor]) -> None:
@@ -172,10 +194,12 @@ def finetune(base: str | Path, data: str | Path, cfg: TrainConfig, method: str =
                   title=f"{method} {Path(cfg.out).name}", unit=unit)
         Trainer(run, cfg, d).fit(resume)
         out = _publish(Path(cfg.out), "adapter" if lora is not None else "model", d)
-        if merge and lora is not None and d.main:
-            merged = load_merged(path, out, dtype)
-            _save_model(merged.config, tok, tok.eos_ids, Path(cfg.out) / "model", merged.state_dict())
-        barrier(d)
+        if merge and lora is not None:
+            def write_merged(ckpt: Path, directory: Path) -> None:
+                merged = load_merged(path, ckpt / "export", dtype)
+                _save_model(merged.config, tok, tok.eos_ids, directory, merged.state_dict())
+
+            _publish(Path(cfg.out), "model", d, write_merged)
         return out
     finally:
         teardown()

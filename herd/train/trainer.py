@@ -208,18 +208,23 @@ class Trainer:
         return {f"val_{k}": v / reduced[-1] for k, v in zip(keys, reduced)}
 
     def fit(self, resume: bool = False) -> dict:
-        """Train to cfg.steps (from the newest checkpoint when `resume`); returns the last log record."""
+        """Train to cfg.steps (from the newest checkpoint when `resume`; a finished run then does
+        nothing); returns the last log record."""
         cfg, run, d = self.cfg, self.run, self.d
         start, tokens, elapsed = 0, 0, 0.0
         found = checkpointing.checkpoints(self.out) if resume else []
         if found:
-            state = checkpointing.load(found[-1], run.model, self.optimizer, run.trainable_only, d)
+            state = checkpointing.trainer_state(found[-1])
             if state.get("data") != run.data:
                 raise HerdError(f"{found[-1]}: was trained on other data ({state.get('data')}), "
                                 f"not {run.data}; resume with the same data")
+            if state["step"] > cfg.steps:
+                raise HerdError(f"{self.out}: already trained to step {state['step']}, past --steps {cfg.steps}; "
+                                f"give --steps {state['step']} or more")
+            if state["step"] == cfg.steps:  # finished: the caller still publishes its model
+                return {}
+            checkpointing.load(found[-1], run.model, self.optimizer, run.trainable_only, d)
             start, tokens, elapsed = state["step"], state["units_seen"], state["elapsed"]
-            if start >= cfg.steps:
-                raise HerdError(f"{self.out}: already trained to step {start}; raise --steps to train further")
         elif self.out.joinpath("checkpoints").is_dir() and any(self.out.joinpath("checkpoints").iterdir()):
             if not resume:
                 raise HerdError(f"{self.out}: holds checkpoints of an earlier run; pass --resume to continue "
