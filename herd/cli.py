@@ -4,8 +4,10 @@ the Python API; errors are printed as one line (exit 2 for bad input, 1 for fail
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
+from collections.abc import Callable
 
 from herd.errors import HerdError
 
@@ -15,15 +17,57 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def bounded(kind: type, low: float, high: float = math.inf, low_open: bool = False,
+            high_open: bool = False) -> Callable[[str], float]:
+    """An argparse type: a finite number of `kind` (int or float) between low and high, so that a
+    bad number is refused by the parser, naming its option, before any work starts."""
+    what = "an integer" if kind is int else "a number"
+    if math.isinf(high):
+        rule = f"{what} {'>' if low_open else '>='} {low:g}"
+    else:
+        rule = f"{what} in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text!r}") from None
+        inside = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+        if not (math.isfinite(value) and inside):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
+        return value
+
+    return parse
+
+
+COUNT = bounded(int, 1)
+NATURAL = bounded(int, 0)
+POSITIVE = bounded(float, 0, low_open=True)
+FRACTION = bounded(float, 0, 1, high_open=True)
+PORT = bounded(int, 0, 65535)
+
+
+def device_arg(text: str) -> str:
+    """An argparse type: a device this machine has (the default, cpu, without importing torch)."""
+    if text != "cpu":
+        from herd.llm import check_device
+
+        try:
+            check_device(text)
+        except HerdError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-m", "--model", help="checkpoint path or model name (default: smollm2-135m-instruct, pulled on first use)")
     p.add_argument("--tokenizer", help="tokenizer file or directory, when the checkpoint has none beside it")
     p.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on GPU), float32, bfloat16, float16")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
+    p.add_argument("--device", default="cpu", type=device_arg, help="cpu, cuda, cuda:1, ..., mps (default: cpu)")
     p.add_argument("--quantize", choices=["int8", "int4", "keep"],
                    help="quantize the weights on load; keep: run a GGUF's quants as they are (default: "
                         "dequantize them)")
-    p.add_argument("--group-size", type=int, help="inputs per scale with --quantize (default: int8 per row, int4 32)")
+    p.add_argument("--group-size", type=COUNT, help="inputs per scale with --quantize (default: int8 per row, int4 32)")
 
 
 def add_speculative_args(p: argparse.ArgumentParser) -> None:
@@ -70,10 +114,40 @@ def write(text: str) -> None:
     sys.stdout.flush()
 
 
+def utf8(text: str, what: str) -> str:
+    """`text`, if it is UTF-8. Python hands undecodable bytes (in arguments, or on a C-locale
+    stdin) over as lone surrogates, which fail much later wherever the text is encoded: the
+    tokenizer, a file, the terminal."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        near = text[max(0, e.start - 20) : e.start + 20].encode("utf-8", "surrogateescape")
+        raise HerdError(f"{what} is not valid UTF-8 text: {repr(near)[1:]}") from None
+    return text
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Refuse any argument that is not UTF-8, naming it, before a command starts."""
+    for name, value in vars(args).items():
+        for text in value if isinstance(value, list) else [value]:
+            if isinstance(text, str):
+                utf8(text, f"argument {name.replace('_', '-')}")
+
+
+def stdin_text(read: Callable[[], str]) -> str:
+    """What `read` returns from standard input, if it is UTF-8: a strict stdin raises on bad
+    bytes, a surrogate-escaping one (the C locale) hands them on."""
+    try:
+        text = read()
+    except UnicodeDecodeError:
+        raise HerdError("standard input is not valid UTF-8 text") from None
+    return utf8(text, "standard input")
+
+
 def read_stdin(what: str) -> str:
     if sys.stdin.isatty():
         raise HerdError(f"no {what}: give it as an argument or on standard input")
-    text = sys.stdin.read()
+    text = stdin_text(sys.stdin.read)
     return text.removesuffix("\n")  # the newline echo or a file ends with
 
 
@@ -113,7 +187,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
     history: list[dict] = []
     while True:
         try:
-            line = input(">>> ") if interactive else sys.stdin.readline()
+            line = stdin_text(lambda: input(">>> ") if interactive else sys.stdin.readline())
         except EOFError:
             line = ""
         if not line:
@@ -169,12 +243,12 @@ def _lora_spec(spec: str) -> tuple[str, str]:
 
 
 def cmd_infill(args: argparse.Namespace) -> None:
-    if not args.prefix and not args.suffix:
-        raise HerdError("give the code around the gap with --prefix and/or --suffix")
     options = sampling_options(args)
     from herd.llm import make_params
 
     make_params(options)
+    if not args.prefix and not args.suffix:
+        raise HerdError("give the code around the gap with --prefix and/or --suffix")
     llm = load_llm(args)
     for piece in llm.stream_infill(args.prefix, args.suffix, suffix_first=args.suffix_first, **options):
         write(piece)
@@ -315,12 +389,12 @@ def build_parser() -> Parser:
         "and a web chat at /. Requests are batched continuously."))
     add_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="default: 8000")
+    p.add_argument("--port", type=PORT, default=8000, help="default: 8000")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (also $HERD_API_KEY)")
-    p.add_argument("--max-batch", type=int, default=8, help="requests decoded together (default: 8)")
-    p.add_argument("--ctx", type=int, help="context per request in tokens (default: the model's, at most 4096)")
-    p.add_argument("--kv-memory", type=float, help="KV cache budget in GiB; fewer slots than --max-batch if needed")
-    p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 429 (default: 64)")
+    p.add_argument("--max-batch", type=COUNT, default=8, help="requests decoded together (default: 8)")
+    p.add_argument("--ctx", type=COUNT, help="context per request in tokens (default: the model's, at most 4096)")
+    p.add_argument("--kv-memory", type=POSITIVE, help="KV cache budget in GiB; fewer slots than --max-batch if needed")
+    p.add_argument("--max-queue", type=COUNT, default=64, help="requests waiting for a slot before 429 (default: 64)")
     p.add_argument("--lora", action="append", metavar="NAME=PATH",
                    help="serve a LoRA adapter (PEFT directory) as model NAME; repeatable")
     p.add_argument("--guard", metavar="MODEL", help="a Llama Guard 3 model that screens every request and reply")
@@ -355,16 +429,16 @@ def build_parser() -> Parser:
         "Perplexity of a UTF-8 text file: every token is predicted once from up to --context tokens before it, "
         "windows --stride tokens apart."))
     q.add_argument("file")
-    q.add_argument("--context", type=int, help="window length in tokens (default: the model's context)")
-    q.add_argument("--stride", type=int, help="tokens between window starts (default: half the context)")
-    q.add_argument("--batch-size", type=int, default=8)
+    q.add_argument("--context", type=COUNT, help="window length in tokens (default: the model's context)")
+    q.add_argument("--stride", type=COUNT, help="tokens between window starts (default: half the context)")
+    q.add_argument("--batch-size", type=COUNT, default=8)
     add_model_args(q)
     q.set_defaults(func=cmd_eval_perplexity)
     q = kinds.add_parser("choice", help="multiple-choice accuracy of a JSONL file", description=(
         'Accuracy on a JSONL file of {"question": ..., "choices": [...], "answer": index}, picking the choice '
         "of highest log-likelihood (acc) and per character (acc_norm)."))
     q.add_argument("file")
-    q.add_argument("--batch-size", type=int, default=8)
+    q.add_argument("--batch-size", type=COUNT, default=8)
     add_model_args(q)
     q.set_defaults(func=cmd_eval_choice)
 
@@ -389,7 +463,7 @@ def build_parser() -> Parser:
     p.add_argument("src")
     p.add_argument("dst")
     p.add_argument("--bits", type=int, required=True, choices=[8, 4])
-    p.add_argument("--group-size", type=int, help="inputs per scale (default: int8 one per row, int4 32)")
+    p.add_argument("--group-size", type=COUNT, help="inputs per scale (default: int8 one per row, int4 32)")
     p.add_argument("--symmetric", action="store_true", help="int4 without offsets (GGUF Q4_0's rule)")
     p.set_defaults(func=cmd_quantize)
 
@@ -400,9 +474,9 @@ def build_parser() -> Parser:
     p.add_argument("model", help="a registered config name (random weights, e.g. stories110m) or a checkpoint path")
     p.add_argument("--formats", default="f32,bf16,int8,int4",
                    help="comma-separated: f32, f16, bf16, int8, int4 (and stored for a checkpoint); default: %(default)s")
-    p.add_argument("--prompt", type=int, default=128, help="prompt tokens for prefill (default: 128)")
-    p.add_argument("--tokens", type=int, default=64, help="tokens to decode (default: 64)")
-    p.add_argument("--threads", type=int, default=2, help="default: 2")
+    p.add_argument("--prompt", type=COUNT, default=128, help="prompt tokens for prefill (default: 128)")
+    p.add_argument("--tokens", type=COUNT, default=64, help="tokens to decode (default: 64)")
+    p.add_argument("--threads", type=COUNT, default=2, help="default: 2")
     p.add_argument("--no-transformers", action="store_true", help="skip transformers")
     p.add_argument("--no-llama-cpp", action="store_true", help="skip llama-bench even when on PATH")
     p.set_defaults(func=cmd_bench)
@@ -426,9 +500,17 @@ def build_parser() -> Parser:
     return parser
 
 
+def out_of_memory(e: Exception) -> bool:
+    """MemoryError, torch's OutOfMemoryError (CUDA), or the CPU allocator's RuntimeError."""
+    torch = sys.modules.get("torch")
+    return (isinstance(e, MemoryError) or (torch is not None and isinstance(e, torch.OutOfMemoryError))
+            or (isinstance(e, RuntimeError) and "can't allocate memory" in str(e)))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        check_arguments(args)
         args.func(args)
     except HerdError as e:
         print(f"herd {args.command}: error: {e}", file=sys.stderr)
@@ -439,8 +521,12 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except Exception as e:  # a bug: still one line, with the traceback on request
-        if os.environ.get("HERD_DEBUG"):
+    except Exception as e:
+        if out_of_memory(e):  # exit 2: the request is too big for this machine, not a bug
+            print(f"herd {args.command}: error: out of memory ({type(e).__name__}); a smaller model, batch or "
+                  "context needs less", file=sys.stderr)
+            return 2
+        if os.environ.get("HERD_DEBUG"):  # a bug: still one line, with the traceback on request
             raise
         print(f"herd {args.command}: internal error: {type(e).__name__}: {e} (set HERD_DEBUG=1 for the traceback)",
               file=sys.stderr)

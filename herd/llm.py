@@ -183,6 +183,28 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
     return names[dtype]
 
 
+def check_device(device: str | torch.device) -> torch.device:
+    """The device `device` names, if this machine has it. torch itself accepts "cuda:99" or
+    "meta" and fails later, deep inside loading, with an AssertionError or a RuntimeError."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise HerdError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count()
+        if count == 0:
+            why = "this torch is built without CUDA" if torch.version.cuda is None else "no GPU is visible"
+            raise HerdError(f"device {device!r}: {why}; use --device cpu")
+        if (dev.index or 0) >= count:
+            raise HerdError(f"device {device!r}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise HerdError(f"device {device!r}: MPS (Apple GPU) is not available on this machine")
+    elif dev.type != "cpu":
+        raise HerdError(f"device {device!r} is not supported; use cpu, cuda, cuda:N or mps")
+    return dev
+
+
 def load(model: str | Path | None = None, *, dtype: str | torch.dtype = "auto", device: str = "cpu",
          tokenizer: str | Path | None = None, quantize: str | None = None, group_size: int | None = None) -> LLM:
     """Load a model from a checkpoint path (HF directory, Meta directory, GGUF, llama2.c .bin, herd
@@ -193,6 +215,7 @@ def load(model: str | Path | None = None, *, dtype: str | torch.dtype = "auto", 
     from herd.store import resolve_model
     from herd.tokenizer import chat_format_for, load_tokenizer
 
+    check_device(device)  # before a pull or a load that would fail on it
     path, name = resolve_model(model)
     net, ckpt = load_model(path, resolve_dtype(dtype, device), device, quantize, group_size)
     tok = load_tokenizer(tokenizer) if tokenizer is not None else ckpt.tokenizer

@@ -12,6 +12,7 @@ import dataclasses
 import os
 from typing import Any
 
+from herd.cli import COUNT, FRACTION, NATURAL, POSITIVE, device_arg
 from herd.errors import HerdError
 
 # Defaults of the options that are not TrainConfig fields.
@@ -58,7 +59,7 @@ def _train_options(p: argparse.ArgumentParser) -> None:
     add("--log-every", type=int, help="metrics line every N steps [10]")
     add("--seed", type=int, help="[1337]")
     add("--parallel", choices=PARALLEL, help="under torchrun: replicate (ddp) or shard (fsdp) the model [ddp]")
-    add("--device", help="cpu, cuda, ... [cpu]")
+    add("--device", type=device_arg, help="cpu, cuda, ... [cpu]")
     add("--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bar [on]")
 
 
@@ -176,8 +177,8 @@ def add_commands(sub) -> None:
                        description="Train a SentencePiece BPE tokenizer (byte fallback, digits split) on text files.")
     p.add_argument("inputs", nargs="+", metavar="FILE")
     p.add_argument("-o", "--out", help="directory for tokenizer.model and tokenizer_config.json")
-    p.add_argument("--vocab-size", type=int, default=4096, help="(default: 4096)")
-    p.add_argument("--max-sentences", type=int, default=2_000_000, help="lines sampled for training (default: 2M)")
+    p.add_argument("--vocab-size", type=COUNT, default=4096, help="(default: 4096)")
+    p.add_argument("--max-sentences", type=COUNT, default=2_000_000, help="lines sampled for training (default: 2M)")
     p.set_defaults(func=cmd_train_tokenizer)
 
     p = sub.add_parser("prepare-data", help="tokenize text / JSONL into training shards", description=(
@@ -187,7 +188,7 @@ def add_commands(sub) -> None:
     p.add_argument("-o", "--out", help="new directory for the prepared corpus")
     p.add_argument("--tokenizer", help="tokenizer file or directory (e.g. from herd train-tokenizer)")
     p.add_argument("-m", "--model", help="or: the model the data is for (its tokenizer and chat format)")
-    p.add_argument("--val-fraction", type=float, default=0.05, help="held out for validation (default: 0.05)")
+    p.add_argument("--val-fraction", type=FRACTION, default=0.05, help="held out for validation (default: 0.05)")
     p.add_argument("--separator", help="string between documents in text files (default: a file is one document)")
     p.set_defaults(func=cmd_prepare_data)
 
@@ -197,13 +198,13 @@ def add_commands(sub) -> None:
     p.add_argument("--data", help="prepared corpus directory")
     g = p.add_argument_group("model shape (defaults in brackets)")
     g.add_argument("--name", help="a registered shape (e.g. stories15m; see `herd info list`) instead of the sizes below")
-    g.add_argument("--dim", type=int, help="[288]")
-    g.add_argument("--n-layers", type=int, help="[6]")
-    g.add_argument("--n-heads", type=int, help="[6]")
-    g.add_argument("--n-kv-heads", type=int, help="[n-heads]")
-    g.add_argument("--hidden-dim", type=int, help="SwiGLU width [8/3 dim, rounded up to 32]")
+    g.add_argument("--dim", type=COUNT, help="[288]")
+    g.add_argument("--n-layers", type=COUNT, help="[6]")
+    g.add_argument("--n-heads", type=COUNT, help="[6]")
+    g.add_argument("--n-kv-heads", type=COUNT, help="[n-heads]")
+    g.add_argument("--hidden-dim", type=COUNT, help="SwiGLU width [8/3 dim, rounded up to 32]")
     g.add_argument("--tie-embeddings", action=argparse.BooleanOptionalAction, default=None, help="[on]")
-    g.add_argument("--rope-theta", type=float, help="[10000]")
+    g.add_argument("--rope-theta", type=POSITIVE, help="[10000]")
     _train_options(p)
     p.set_defaults(func=cmd_pretrain, parser=p)
 
@@ -217,11 +218,11 @@ def add_commands(sub) -> None:
     p.add_argument("--data", help="JSONL file or prepared corpus")
     p.add_argument("--val-data", help="validation JSONL / corpus (default: the corpus's own split, if any)")
     p.add_argument("--method", choices=["sft", "dpo"], help="[sft]")
-    p.add_argument("--beta", type=float, help="DPO: strength of the pull towards the reference [0.1]")
+    p.add_argument("--beta", type=POSITIVE, help="DPO: strength of the pull towards the reference [0.1]")
     g = p.add_argument_group("LoRA")
-    g.add_argument("--lora-r", type=int, help="adapter rank; 0 trains every weight instead [16]")
-    g.add_argument("--lora-alpha", type=float, help="update scale alpha / r [2 r]")
-    g.add_argument("--lora-dropout", type=float, help="[0.05]")
+    g.add_argument("--lora-r", type=NATURAL, help="adapter rank; 0 trains every weight instead [16]")
+    g.add_argument("--lora-alpha", type=POSITIVE, help="update scale alpha / r [2 r]")
+    g.add_argument("--lora-dropout", type=FRACTION, help="[0.05]")
     g.add_argument("--lora-targets", help="comma-separated: q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,"
                                           "lm_head, or all [all]")
     g.add_argument("--lora-layers", help="blocks to adapt, like 20-29 or 0,5 [all]")

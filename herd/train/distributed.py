@@ -15,6 +15,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from herd.errors import HerdError
+from herd.llm import check_device
 from herd.train.config import PARALLEL
 
 
@@ -33,7 +34,7 @@ def setup(device: str = "cpu") -> Dist:
     """Join the process group torchrun describes (WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR);
     a plain single process when not launched by torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    dev = torch.device(device)
+    dev = check_device(device)
     if world == 1:
         return Dist(device=dev)
     if dev.type == "cuda":
