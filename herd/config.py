@@ -8,9 +8,21 @@ be built with random weights (benchmarks, tests) or checked against a file being
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 
 from herd.errors import HerdError
+
+# Bounds on the sizes a config may give: far above every released model (Llama 3.1 405B: 126
+# layers, width 16384, feed-forward 53248; Llama 4: a 202048-token vocabulary, 128 experts, a
+# 10M-token context), far below what a lying file could make herd allocate.
+MAX_LAYERS = 4096
+MAX_WIDTH = 1 << 20
+MAX_VOCAB = 1 << 24
+MAX_CONTEXT = 1 << 31
+MAX_EXPERTS = 1 << 12
 
 
 @dataclass(frozen=True)
@@ -47,6 +59,37 @@ class AttnTemperature:
     attn_scale: float = 0.1
 
 
+def _integer_in(value: object, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def _number_in(value: object, low: float, high: float) -> bool:
+    """A finite int or float strictly between low and high."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
+        and low < value < high
+
+
+def _scaling_problems(s: RopeScaling | None, label: Callable[[str], str]) -> list[str]:
+    if s is None or (all(_number_in(v, 0, math.inf) for v in (s.factor, s.low_freq_factor, s.high_freq_factor))
+                     and _integer_in(s.original_max_position, 1, MAX_CONTEXT)):
+        return []
+    return [f"{label('rope_scaling')} needs positive finite factors and original_max_position, got {s}"]
+
+
+class ConfigError(HerdError):
+    """An invalid ModelConfig; it keeps the config so that a loader can name each wrong field by
+    its file's key (`config.problems(names)`)."""
+
+    def __init__(self, config: ModelConfig):
+        self.config = config
+        name = f" {config.name}" if config.name else ""
+        super().__init__(f"invalid model config{name}: " + "; ".join(config.problems()))
+
+
+_SIZE_LIMITS = {"dim": MAX_WIDTH, "n_layers": MAX_LAYERS, "n_heads": MAX_WIDTH, "vocab_size": MAX_VOCAB,
+                "hidden_dim": MAX_WIDTH, "n_kv_heads": MAX_WIDTH, "max_seq_len": MAX_CONTEXT}
+
+
 @dataclass
 class ModelConfig:
     dim: int
@@ -72,35 +115,58 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
-        if isinstance(self.rope_scaling, dict):
-            self.rope_scaling = RopeScaling(**self.rope_scaling)
-        if isinstance(self.moe, dict):
-            self.moe = MoE(**self.moe)
-        if isinstance(self.attn_temperature, dict):
-            self.attn_temperature = AttnTemperature(**self.attn_temperature)
-        problems = []
-        for name in ("dim", "n_layers", "n_heads", "vocab_size", "hidden_dim", "n_kv_heads", "max_seq_len"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
-                problems.append(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        if not problems:
+        try:
+            if isinstance(self.rope_scaling, dict):
+                self.rope_scaling = RopeScaling(**self.rope_scaling)
+            if isinstance(self.moe, dict):
+                self.moe = MoE(**self.moe)
+            if isinstance(self.attn_temperature, dict):
+                self.attn_temperature = AttnTemperature(**self.attn_temperature)
+        except TypeError as e:
+            raise HerdError(f"invalid model config: {e}") from None
+        if self.problems():
+            raise ConfigError(self)
+
+    def problems(self, names: Mapping[str, str] = MappingProxyType({})) -> list[str]:
+        """What is wrong with this config, each field called by `names` (a file's own keys) when
+        it maps the field; empty when nothing is."""
+        def label(field: str) -> str:
+            return names.get(field, field)
+
+        found = [f"{label(f)} must be a positive integer up to {limit}, got {getattr(self, f)!r}"
+                 for f, limit in _SIZE_LIMITS.items() if not _integer_in(getattr(self, f), 1, limit)]
+        if not found:
             if self.dim % self.n_heads:
-                problems.append(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
+                found.append(f"{label('dim')} {self.dim} is not divisible by {label('n_heads')} {self.n_heads}")
             elif self.n_heads % self.n_kv_heads:
-                problems.append(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
+                found.append(f"{label('n_heads')} {self.n_heads} is not a multiple of "
+                             f"{label('n_kv_heads')} {self.n_kv_heads}")
             elif self.head_dim % 2:
-                problems.append(f"head_dim {self.head_dim} must be even for rotary embeddings")
+                found.append(f"head_dim {self.head_dim} must be even for rotary embeddings")
+        if not _number_in(self.norm_eps, 0, 1):
+            found.append(f"{label('norm_eps')} must be a number between 0 and 1, got {self.norm_eps!r}")
+        if not _number_in(self.rope_theta, 0, math.inf):
+            found.append(f"{label('rope_theta')} must be a positive number, got {self.rope_theta!r}")
+        return found + self._llama4_problems(label) + _scaling_problems(self.rope_scaling, label)
+
+    def _llama4_problems(self, label: Callable[[str], str]) -> list[str]:
+        found = []
         m = self.moe
-        if m is not None and not (isinstance(m.n_experts, int) and isinstance(m.top_k, int) and 1 <= m.top_k <= m.n_experts
-                                  and isinstance(m.hidden_dim, int) and m.hidden_dim > 0
-                                  and isinstance(m.layer_step, int) and m.layer_step >= 1):
-            problems.append(f"moe needs 1 <= top_k <= n_experts and positive hidden_dim and layer_step, got {m}")
-        if not isinstance(self.nope_layer_step, int) or self.nope_layer_step < 0:
-            problems.append(f"nope_layer_step must be an integer >= 0, got {self.nope_layer_step!r}")
-        if self.attention_chunk_size is not None and (
-                not isinstance(self.attention_chunk_size, int) or self.attention_chunk_size <= 0):
-            problems.append(f"attention_chunk_size must be a positive integer, got {self.attention_chunk_size!r}")
-        if problems:
-            raise HerdError(f"invalid model config {self.name or ''}: " + "; ".join(problems))
+        if m is not None and not (_integer_in(m.n_experts, 1, MAX_EXPERTS) and _integer_in(m.top_k, 1, m.n_experts)
+                                  and _integer_in(m.hidden_dim, 1, MAX_WIDTH)
+                                  and _integer_in(m.layer_step, 1, MAX_LAYERS)):
+            found.append(f"moe needs 1 <= top_k <= n_experts <= {MAX_EXPERTS}, hidden_dim from 1 to {MAX_WIDTH} "
+                         f"and a positive layer_step, got {m}")
+        if not _integer_in(self.nope_layer_step, 0, MAX_LAYERS):
+            found.append(f"{label('nope_layer_step')} must be an integer >= 0, got {self.nope_layer_step!r}")
+        if self.attention_chunk_size is not None and not _integer_in(self.attention_chunk_size, 1, MAX_CONTEXT):
+            found.append(f"{label('attention_chunk_size')} must be a positive integer, "
+                         f"got {self.attention_chunk_size!r}")
+        t = self.attn_temperature
+        if t is not None and not (_number_in(t.floor_scale, 0, math.inf)
+                                  and _number_in(t.attn_scale, -math.inf, math.inf)):
+            found.append(f"attention temperature needs a positive floor_scale and a finite attn_scale, got {t}")
+        return found
 
     @property
     def head_dim(self) -> int:

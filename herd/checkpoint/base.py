@@ -7,13 +7,15 @@ interleaved rotary layout; everything past that point is format-free.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from herd.config import CONFIGS, ModelConfig
+from herd.config import CONFIGS, ConfigError, ModelConfig
 from herd.errors import HerdError
 from herd.model.transformer import Transformer
 
@@ -32,12 +34,28 @@ class Checkpoint:
     eos_ids: set[int] = field(default_factory=set)
 
 
-def make_config(path: Path, **fields: Any) -> ModelConfig:
-    """A ModelConfig from a file's fields; an invalid one is blamed on the file."""
+def make_config(path: Path, names: Mapping[str, str] = MappingProxyType({}), /, **fields: Any) -> ModelConfig:
+    """A ModelConfig from a file's fields; an invalid one is blamed on the file, each wrong field
+    called by the file's key for it (`names`: herd's field -> the file's key)."""
     try:
         return ModelConfig(**fields)
+    except ConfigError as e:
+        raise HerdError(f"{path}: invalid model config: " + "; ".join(e.config.problems(names))) from None
     except HerdError as e:
         raise HerdError(f"{path}: {e}") from None
+
+
+def check_fits(path: Path, cfg: ModelConfig, n_tensors: int, n_values: int) -> None:
+    """Refuse a config far beyond what the checkpoint's `n_tensors` tensors of `n_values` values in
+    all can hold, before a model of it is built: every layer has tensors of its own, and the
+    parameters are stored. (A smaller mismatch is left to `check_shapes`, which names the tensor.)"""
+    if cfg.n_layers > n_tensors:
+        raise HerdError(f"{path}: the config has {cfg.n_layers} layers, but the checkpoint holds only "
+                        f"{n_tensors} tensors")
+    implied = cfg.num_params()
+    if implied > 2 * n_values:
+        raise HerdError(f"{path}: the config implies {implied:,} parameters, but the checkpoint holds only "
+                        f"{n_values:,} values")
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -54,19 +72,25 @@ def _some(names: list[str]) -> str:
     return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
 
-def check_state_dict(path: Path, cfg: ModelConfig, state_dict: dict[str, torch.Tensor]) -> None:
-    """Raise if the tensors are not exactly those `cfg` needs, with the shapes it needs."""
+def check_shapes(path: Path, cfg: ModelConfig, shapes: Mapping[str, tuple[int, ...]]) -> None:
+    """Raise if the tensors named in `shapes` (herd names, as a file's header lists them) are not
+    exactly those `cfg` needs, with the shapes it needs; a model of `cfg` on the meta device says
+    which, so nothing is allocated."""
     expected = expected_shapes(cfg)
-    missing = [name for name in expected if name not in state_dict]
+    missing = [name for name in expected if name not in shapes]
     if missing:
         raise HerdError(f"{path}: tensors missing for this config: {_some(missing)}")
-    unexpected = [name for name in state_dict if name not in expected]
+    unexpected = [name for name in shapes if name not in expected]
     if unexpected:
         raise HerdError(f"{path}: unexpected tensors for this config: {_some(unexpected)}")
     for name, shape in expected.items():
-        if tuple(state_dict[name].shape) != shape:
-            raise HerdError(f"{path}: tensor {name} has shape {list(state_dict[name].shape)}, "
-                            f"the config needs {list(shape)}")
+        if tuple(shapes[name]) != shape:
+            raise HerdError(f"{path}: tensor {name} has shape {list(shapes[name])}, the config needs {list(shape)}")
+
+
+def check_state_dict(path: Path, cfg: ModelConfig, state_dict: dict[str, torch.Tensor]) -> None:
+    """Raise if the tensors are not exactly those `cfg` needs, with the shapes it needs."""
+    check_shapes(path, cfg, {name: tuple(t.shape) for name, t in state_dict.items()})
 
 
 def check_writable(out: Path, cfg: ModelConfig) -> None:
@@ -106,11 +130,23 @@ def with_family(cfg: ModelConfig) -> ModelConfig:
     return cfg.replace(family=known.family) if known else cfg
 
 
+def one_line(text: str) -> str:
+    """`text` (a library's error, which may quote a file) with its line breaks made spaces."""
+    return " ".join(text.splitlines())
+
+
+def read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise HerdError(f"{path}: cannot read it as UTF-8 text ({e})") from None
+
+
 def read_json(path: Path) -> dict[str, Any]:
     """A JSON object from a file (every side file of a checkpoint is one)."""
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        value = json.loads(read_text(path))
+    except (json.JSONDecodeError, RecursionError) as e:
         raise HerdError(f"{path}: cannot read JSON ({e})") from None
     if not isinstance(value, dict):
         raise HerdError(f"{path}: expected a JSON object, got {type(value).__name__}")
@@ -142,7 +178,7 @@ def directory_extras(directory: Path, tokenizer: bool) -> tuple[Tokenizer | None
 
     template = None
     if (directory / "chat_template.jinja").exists():
-        template = (directory / "chat_template.jinja").read_text(encoding="utf-8")
+        template = read_text(directory / "chat_template.jinja")
     elif (directory / "tokenizer_config.json").exists():
         template = read_json(directory / "tokenizer_config.json").get("chat_template")
         if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]

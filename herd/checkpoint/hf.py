@@ -9,15 +9,19 @@ wq/wk are permuted on the way in and back on the way out.
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from herd.checkpoint.base import (Checkpoint, check_state_dict, check_writable, directory_extras, make_config,
-                                  read_json, with_family)
+from herd.checkpoint.base import (Checkpoint, check_fits, check_shapes, check_state_dict, check_writable,
+                                  directory_extras, make_config, one_line, read_json, with_family)
 from herd.config import ModelConfig, RopeScaling
 from herd.errors import HerdError
 
@@ -32,6 +36,13 @@ _LAYER_NAMES = {
     "mlp.down_proj.weight": "feed_forward.w2.weight",
     "mlp.up_proj.weight": "feed_forward.w3.weight",
 }
+
+
+# herd's config field -> the config.json key it comes from, to name it in errors
+HF_KEYS = {"dim": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
+           "n_kv_heads": "num_key_value_heads", "hidden_dim": "intermediate_size", "norm_eps": "rms_norm_eps",
+           "max_seq_len": "max_position_embeddings"}
+_FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
 
 
 def hf_names(n_layers: int) -> dict[str, str]:
@@ -88,7 +99,7 @@ def config_from_hf(path: Path, hf: dict) -> ModelConfig:
     except (TypeError, ValueError):
         raise HerdError(f"{path}: rms_norm_eps must be a number") from None
     cfg = make_config(
-        path,
+        path, HF_KEYS,
         dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=hf["num_attention_heads"],
         n_kv_heads=hf.get("num_key_value_heads"), vocab_size=hf["vocab_size"], hidden_dim=hf["intermediate_size"],
         norm_eps=norm_eps, rope_theta=theta, rope_scaling=scaling,
@@ -97,7 +108,7 @@ def config_from_hf(path: Path, hf: dict) -> ModelConfig:
     )
     head_dim = hf.get("head_dim")
     if head_dim is not None and head_dim != cfg.head_dim:
-        raise HerdError(f"{path}: head_dim {head_dim} differs from hidden_size / num_attention_heads "
+        raise HerdError(f"{path}: head_dim {head_dim!r} differs from hidden_size / num_attention_heads "
                         f"= {cfg.head_dim}, which herd does not support")
     return with_family(cfg)
 
@@ -115,7 +126,7 @@ def rope_from_hf(path: Path, hf: dict, max_pos: int) -> tuple[float, RopeScaling
             scaling = RopeScaling(factor=float(rope["factor"]), low_freq_factor=float(rope["low_freq_factor"]),
                                   high_freq_factor=float(rope["high_freq_factor"]),
                                   original_max_position=int(rope.get("original_max_position_embeddings", max_pos)))
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, OverflowError) as e:
             raise HerdError(f"{path}: llama3 rope scaling is incomplete or invalid ({e!r})") from None
     elif kind != "default":
         raise HerdError(f"{path}: rope type {kind!r} is not supported (only default and llama3)")
@@ -139,6 +150,39 @@ def weight_files(path: Path) -> list[Path]:
     return sorted(path.glob("*.safetensors"))
 
 
+@contextmanager
+def open_safetensors(file: Path) -> Iterator[Any]:
+    """safetensors' reader of `file`, its errors made one-line ones that name the file."""
+    try:
+        with safe_open(file, framework="pt") as f:
+            yield f
+    except SafetensorError as e:
+        raise HerdError(f"{file}: corrupt or truncated safetensors file ({one_line(str(e))})") from None
+
+
+def tensor_headers(files: list[Path]) -> dict[str, tuple[Path, tuple[int, ...]]]:
+    """Name -> (file, shape) of every tensor in safetensors `files`, from their headers alone (the
+    reader checks each header against its file's size); a tensor that is not floating point is refused."""
+    headers: dict[str, tuple[Path, tuple[int, ...]]] = {}
+    for file in files:
+        with open_safetensors(file) as f:
+            for name in f.keys():
+                if not name.isprintable():
+                    raise HerdError(f"{file}: tensor name {name[:100]!r} is not printable text")
+                if name in headers:
+                    raise HerdError(f"{file}: tensor {name} is also in {headers[name][0].name}")
+                view = f.get_slice(name)
+                if view.get_dtype() not in _FLOAT_DTYPES:
+                    raise HerdError(f"{file}: tensor {name} is {view.get_dtype()}, not floating point")
+                headers[name] = (file, tuple(view.get_shape()))
+    return headers
+
+
+def held(headers: dict[str, tuple[Path, tuple[int, ...]]]) -> tuple[int, int]:
+    """(tensors, values) the checkpoint holds, for `check_fits`."""
+    return len(headers), sum(math.prod(shape) for _, shape in headers.values())
+
+
 def load_hf(path: Path, dtype: torch.dtype | None = None, tokenizer: bool = True) -> Checkpoint:
     hf = read_json(path / "config.json")
     if hf.get("model_type") in ("llama4", "llama4_text"):
@@ -146,30 +190,25 @@ def load_hf(path: Path, dtype: torch.dtype | None = None, tokenizer: bool = True
 
         return load_hf_llama4(path, hf, dtype, tokenizer)
     cfg = config_from_hf(path, hf)
+    headers = {name: h for name, h in tensor_headers(weight_files(path)).items()
+               if not name.endswith("rotary_emb.inv_freq")}  # recomputed; old checkpoints saved it
+    check_fits(path, cfg, *held(headers))
     names = hf_names(cfg.n_layers)
+    if cfg.tie_embeddings:
+        names.pop("lm_head.weight")
+    for hf_name, (file, _) in headers.items():
+        if hf_name not in names and not (hf_name == "lm_head.weight" and cfg.tie_embeddings):
+            raise HerdError(f"{file}: unexpected tensor {hf_name} for a {cfg.n_layers}-layer Llama")
+    check_shapes(path, cfg, {names[n]: shape for n, (_, shape) in headers.items() if n in names})
     state_dict: dict[str, torch.Tensor] = {}
-    for file in weight_files(path):
-        try:
-            with safe_open(file, framework="pt") as f:
-                for hf_name in f.keys():
-                    if hf_name.endswith("rotary_emb.inv_freq"):  # recomputed; old checkpoints saved it
-                        continue
-                    name = names.get(hf_name)
-                    if name is None:
-                        raise HerdError(f"{file}: unexpected tensor {hf_name} for a {cfg.n_layers}-layer Llama")
-                    if name == "output.weight" and cfg.tie_embeddings:
-                        continue
+    for file in dict.fromkeys(file for file, _ in headers.values()):
+        with open_safetensors(file) as f:
+            for hf_name in f.keys():
+                if hf_name in names:
                     t = f.get_tensor(hf_name)
-                    heads = _heads_of(name, cfg)
-                    if heads is not None:
-                        if t.dim() != 2 or t.shape[0] % (2 * heads):
-                            raise HerdError(f"{file}: tensor {hf_name} has shape {list(t.shape)}, "
-                                            f"which cannot hold {heads} heads of rotary pairs")
-                        t = hf_to_interleaved(t, heads)
-                    state_dict[name] = t if dtype is None else t.to(dtype)
-        except SafetensorError as e:
-            raise HerdError(f"{file}: corrupt or truncated safetensors file ({e})") from None
-    check_state_dict(path, cfg, state_dict)
+                    heads = _heads_of(names[hf_name], cfg)
+                    t = t if heads is None else hf_to_interleaved(t, heads)
+                    state_dict[names[hf_name]] = t if dtype is None else t.to(dtype)
     tok, template, eos = directory_extras(path, tokenizer)
     return Checkpoint(cfg, state_dict, "hf", path, tok, template, eos)
 

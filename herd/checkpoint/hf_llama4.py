@@ -12,11 +12,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
-from herd.checkpoint.base import Checkpoint, check_state_dict, directory_extras, make_config
-from herd.checkpoint.hf import rope_from_hf, weight_files
-from herd.config import AttnTemperature, ModelConfig, MoE
+from herd.checkpoint.base import Checkpoint, check_fits, check_shapes, directory_extras, make_config
+from herd.checkpoint.hf import HF_KEYS, held, open_safetensors, rope_from_hf, tensor_headers, weight_files
+from herd.config import MAX_LAYERS, AttnTemperature, ModelConfig, MoE
 from herd.errors import HerdError
 
 _DENSE = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
@@ -55,12 +54,14 @@ def config_from_hf_llama4(path: Path, hf: dict) -> tuple[ModelConfig, str]:
     if text.get("hidden_act", "silu") != "silu":
         raise HerdError(f"{path}: hidden_act {text['hidden_act']!r} is not supported (only silu)")
     n_layers = text["num_hidden_layers"]
-    if not isinstance(n_layers, int) or n_layers <= 0:
-        raise HerdError(f"{path}: num_hidden_layers must be a positive integer")
+    if not isinstance(n_layers, int) or isinstance(n_layers, bool) or not 0 < n_layers <= MAX_LAYERS:
+        raise HerdError(f"{path}: num_hidden_layers must be a positive integer up to {MAX_LAYERS}, got {n_layers!r}")
 
     moe_step = text.get("interleave_moe_layer_step", 1)
     moe_layers = text.get("moe_layers")
     if moe_layers is not None:
+        if not isinstance(moe_layers, list):
+            raise HerdError(f"{path}: moe_layers must list layer numbers, got {moe_layers!r}")
         moe_step = _step(path, "moe_layers", [i in moe_layers for i in range(n_layers)])
     nope_step = text.get("no_rope_layer_interval", 4)
     rope_flags = text.get("no_rope_layers")  # despite the name, 1 marks a layer WITH rotary embeddings
@@ -71,16 +72,15 @@ def config_from_hf_llama4(path: Path, hf: dict) -> tuple[ModelConfig, str]:
     chunk = text.get("attention_chunk_size")
     max_pos = text.get("max_position_embeddings", 4096 * 32)
     theta, scaling = rope_from_hf(path, {"rope_theta": 500000.0, **text}, max_pos)
-    temperature = None
-    if text.get("attn_temperature_tuning", True):
-        temperature = AttnTemperature(floor_scale=float(text.get("floor_scale", 8192)),
-                                      attn_scale=float(text.get("attn_scale", 0.1)))
     try:
         norm_eps = float(text.get("rms_norm_eps", 1e-5))
+        temperature = AttnTemperature(floor_scale=float(text.get("floor_scale", 8192)),
+                                      attn_scale=float(text.get("attn_scale", 0.1)))
     except (TypeError, ValueError):
-        raise HerdError(f"{path}: rms_norm_eps must be a number") from None
+        raise HerdError(f"{path}: rms_norm_eps, floor_scale and attn_scale must be numbers") from None
     cfg = make_config(
-        path, dim=text["hidden_size"], n_layers=n_layers, n_heads=text["num_attention_heads"],
+        path, {**HF_KEYS, "hidden_dim": "intermediate_size_mlp"},
+        dim=text["hidden_size"], n_layers=n_layers, n_heads=text["num_attention_heads"],
         n_kv_heads=text.get("num_key_value_heads"), vocab_size=text["vocab_size"],
         hidden_dim=text["intermediate_size_mlp"], norm_eps=norm_eps, rope_theta=theta, rope_scaling=scaling,
         tie_embeddings=bool(text.get("tie_word_embeddings", False)), max_seq_len=max_pos,
@@ -88,11 +88,11 @@ def config_from_hf_llama4(path: Path, hf: dict) -> tuple[ModelConfig, str]:
         moe=MoE(n_experts=text["num_local_experts"], hidden_dim=text["intermediate_size"],
                 top_k=text.get("num_experts_per_tok", 1), layer_step=moe_step) if moe_step else None,
         nope_layer_step=nope_step, attention_chunk_size=chunk, qk_norm=bool(text.get("use_qk_norm", True)),
-        attn_temperature=temperature,
+        attn_temperature=temperature if text.get("attn_temperature_tuning", True) else None,
     )
     head_dim = text.get("head_dim")
     if head_dim is not None and head_dim != cfg.head_dim:
-        raise HerdError(f"{path}: head_dim {head_dim} differs from hidden_size / num_attention_heads "
+        raise HerdError(f"{path}: head_dim {head_dim!r} differs from hidden_size / num_attention_heads "
                         f"= {cfg.head_dim}, which herd does not support")
     return cfg, prefix
 
@@ -131,32 +131,38 @@ def _herd_names(name: str) -> list[tuple[str, str | None]]:
     return []
 
 
+def _shapes(cfg: ModelConfig, prefix: str, headers: dict[str, tuple[Path, tuple[int, ...]]]) -> dict[str, tuple]:
+    """herd name -> shape of each tensor the text model's headers describe (fused gate/up halved)."""
+    shapes = {}
+    for hf_name, (file, shape) in headers.items():
+        targets = _herd_names(hf_name[len(prefix):])
+        if not targets:
+            raise HerdError(f"{file}: unexpected tensor {hf_name} for a Llama 4 text model")
+        for name, half in targets:
+            if half is not None and (len(shape) != 3 or shape[-1] % 2):
+                raise HerdError(f"{file}: {hf_name} has shape {list(shape)}, not [experts, dim, 2 * hidden]")
+            if not (name == "output.weight" and cfg.tie_embeddings):
+                shapes[name] = shape if half is None else (*shape[:-1], shape[-1] // 2)
+    return shapes
+
+
 def load_hf_llama4(path: Path, hf: dict, dtype: torch.dtype | None = None, tokenizer: bool = True) -> Checkpoint:
     cfg, prefix = config_from_hf_llama4(path, hf)
+    # the vision tower and projector of a multimodal checkpoint are skipped
+    headers = {name: h for name, h in tensor_headers(weight_files(path)).items() if name.startswith(prefix)}
+    check_fits(path, cfg, *held(headers))
+    check_shapes(path, cfg, _shapes(cfg, prefix, headers))
     state_dict: dict[str, torch.Tensor] = {}
-    for file in weight_files(path):
-        try:
-            with safe_open(file, framework="pt") as f:
-                for hf_name in f.keys():
-                    if not hf_name.startswith(prefix):
-                        continue  # the vision tower and projector of a multimodal checkpoint
-                    targets = _herd_names(hf_name[len(prefix):])
-                    if not targets:
-                        raise HerdError(f"{file}: unexpected tensor {hf_name} for a Llama 4 text model")
-                    t = f.get_tensor(hf_name)
-                    for name, half in targets:
-                        if half is not None:
-                            if t.dim() != 3 or t.shape[-1] % 2:
-                                raise HerdError(f"{file}: {hf_name} has shape {list(t.shape)}, not "
-                                                "[experts, dim, 2 * hidden]")
-                            t_half = t.chunk(2, dim=-1)[0 if half == "gate" else 1].contiguous()
-                        else:
-                            t_half = t
-                        if name == "output.weight" and cfg.tie_embeddings:
-                            continue
-                        state_dict[name] = t_half if dtype is None else t_half.to(dtype)
-        except SafetensorError as e:
-            raise HerdError(f"{file}: corrupt or truncated safetensors file ({e})") from None
-    check_state_dict(path, cfg, state_dict)
+    for file in dict.fromkeys(file for file, _ in headers.values()):
+        with open_safetensors(file) as f:
+            for hf_name in f.keys():
+                if hf_name not in headers:
+                    continue
+                t = f.get_tensor(hf_name)
+                for name, half in _herd_names(hf_name[len(prefix):]):
+                    if name == "output.weight" and cfg.tie_embeddings:
+                        continue
+                    part = t if half is None else t.chunk(2, dim=-1)[0 if half == "gate" else 1].contiguous()
+                    state_dict[name] = part if dtype is None else part.to(dtype)
     tok, template, eos = directory_extras(path, tokenizer)
     return Checkpoint(cfg, state_dict, "hf", path, tok, template, eos)

@@ -6,6 +6,7 @@ the embedding. Rotary pairs are interleaved, as in Meta's code. Read-only: nothi
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -72,7 +73,7 @@ def load_llama2c(path: Path, dtype: torch.dtype | None = None, tokenizer: bool =
         raise HerdError(f"{path}: not a llama2.c checkpoint (implausible header)")
     dim, hidden, n_layers, n_heads, n_kv_heads, vocab, seq_len = header
     blocks = _layout(header)
-    floats = sum(count * int(np.prod(shape)) for _, count, shape in blocks)
+    floats = sum(count * math.prod(shape) for _, count, shape in blocks)
     size = path.stat().st_size
     if size != HEADER_BYTES + 4 * floats:
         raise HerdError(f"{path}: {size} bytes, but the header (dim {dim}, {n_layers} layers, vocab {abs(vocab)}) "
@@ -86,7 +87,7 @@ def load_llama2c(path: Path, dtype: torch.dtype | None = None, tokenizer: bool =
     state_dict: dict[str, torch.Tensor] = {}
     offset = 0
     for name, count, shape in blocks:
-        n = int(np.prod(shape))
+        n = math.prod(shape)
         for i in range(count):
             if name is not None:
                 t = torch.from_numpy(np.array(data[offset:offset + n]).reshape(shape))

@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import json
 import pickle
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm import tqdm
 
-from herd.checkpoint.base import (Checkpoint, check_state_dict, check_writable, directory_extras, expected_shapes,
-                                  make_config, read_json, registered_match, tie_if_equal)
-from herd.config import ModelConfig, RopeScaling
+from herd.checkpoint.base import (Checkpoint, check_fits, check_state_dict, check_writable, directory_extras,
+                                  expected_shapes, make_config, read_json, registered_match, tie_if_equal)
+from herd.config import MAX_WIDTH, ModelConfig, RopeScaling
 from herd.errors import HerdError
 
 _SPLIT_DIM = {
@@ -45,6 +46,16 @@ def meta_ffn_params(dim: int, hidden_dim: int) -> tuple[int, float | None]:
 
 
 def _load_pth(file: Path) -> dict[str, torch.Tensor]:
+    """A consolidated.NN.pth, memory-mapped; only the zip format can be, and weights_only=True
+    lets its pickle build tensors and nothing else."""
+    with open(file, "rb") as f:
+        start = f.read(2)
+    if start[:1] == b"\x80":  # a pickle's PROTO opcode, where a zip file has "PK"
+        raise HerdError(f"{file}: a legacy (non-zip) .pth or a raw pickle: herd loads only the zip format torch.save "
+                        "writes since PyTorch 1.6, with weights_only=True so that no file can run code; re-save it "
+                        "with torch.save where you trust it")
+    if start != b"PK" or not zipfile.is_zipfile(file):
+        raise HerdError(f"{file}: not a readable PyTorch checkpoint, corrupt or truncated (not a zip file)")
     try:
         sd = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as e:
@@ -54,10 +65,26 @@ def _load_pth(file: Path) -> dict[str, torch.Tensor]:
     except (RuntimeError, OSError, EOFError, ValueError) as e:
         raise HerdError(f"{file}: not a readable PyTorch checkpoint, corrupt or truncated "
                         f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise HerdError(f"{file}: expected a dict of tensor names to tensors")
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and k.isprintable() and isinstance(v, torch.Tensor)
+                                           for k, v in sd.items()):
+        raise HerdError(f"{file}: expected a dict of tensor names (printable text) to tensors")
+    for name, t in sd.items():
+        if not t.is_floating_point():
+            raise HerdError(f"{file}: tensor {name} is {t.dtype}, not floating point")
+    _check_records(file, sd)
     sd.pop("rope.freqs", None)  # Llama 2's precomputed rotary table; the model recomputes it
     return sd
+
+
+def _check_records(file: Path, sd: dict[str, torch.Tensor]) -> None:
+    """Each tensor's storage must be one of the file's data records, whole: memory-mapped, torch
+    takes the size the pickle claims from the record's start, reading past a short record into
+    the rest of the file."""
+    with zipfile.ZipFile(file) as z:
+        records = sorted(i.file_size for i in z.infolist() if i.filename.split("/")[-2:-1] == ["data"] and i.file_size)
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in sd.values()}
+    if sorted(n for n in storages.values() if n) != records:
+        raise HerdError(f"{file}: corrupt: its tensors' sizes do not match its data records")
 
 
 def _split_dim(name: str, shard: torch.Tensor, dim: int) -> int | None:
@@ -98,6 +125,19 @@ def _field(path: Path, params: dict, key: str, kind: type | tuple[type, ...], de
     return value
 
 
+def _ffn_width(file: Path, params: dict, dim: int) -> int:
+    """The SwiGLU width params.json implies, once its three inputs are known to be sane."""
+    multiple_of = _field(file, params, "multiple_of", int, 256)
+    multiplier = _field(file, params, "ffn_dim_multiplier", (int, float), None)
+    if not 0 < dim <= MAX_WIDTH:
+        raise HerdError(f"{file}: dim must be a positive integer up to {MAX_WIDTH}, got {dim}")
+    if not 0 < multiple_of <= MAX_WIDTH:
+        raise HerdError(f"{file}: multiple_of must be a positive integer up to {MAX_WIDTH}, got {multiple_of}")
+    if multiplier is not None and not 0 < multiplier <= 64:  # released models: 1.3 and 1.5; NaN fails too
+        raise HerdError(f"{file}: ffn_dim_multiplier must be a positive number up to 64, got {multiplier}")
+    return meta_hidden_dim(dim, multiple_of, multiplier)
+
+
 def config_from_params(path: Path, params: dict, state_dict: dict[str, torch.Tensor]) -> ModelConfig:
     """ModelConfig from params.json; vocab_size -1 (Llama 1/2) is read off the embedding."""
     file = path / "params.json"
@@ -108,8 +148,7 @@ def config_from_params(path: Path, params: dict, state_dict: dict[str, torch.Ten
         if "tok_embeddings.weight" not in state_dict:
             raise HerdError(f"{path}: vocab_size is {vocab} and there is no tok_embeddings.weight to read it from")
         vocab = state_dict["tok_embeddings.weight"].shape[0]
-    hidden_dim = meta_hidden_dim(dim, _field(file, params, "multiple_of", int, 256),
-                                 _field(file, params, "ffn_dim_multiplier", num, None))
+    hidden_dim = _ffn_width(file, params, dim)
     scaling = None
     if _field(file, params, "use_scaled_rope", bool, False):
         scaling = RopeScaling(factor=float(_field(file, params, "rope_scaling_factor", num, 8.0)),
@@ -117,7 +156,8 @@ def config_from_params(path: Path, params: dict, state_dict: dict[str, torch.Ten
                               high_freq_factor=float(_field(file, params, "rope_high_freq_factor", num, 4.0)),
                               original_max_position=_field(file, params, "rope_original_max_position", int, 8192))
     cfg = make_config(
-        file, dim=dim, n_layers=_field(file, params, "n_layers", int), n_heads=_field(file, params, "n_heads", int),
+        file, {"hidden_dim": "the feed-forward width that multiple_of and ffn_dim_multiplier give"}, dim=dim,
+        n_layers=_field(file, params, "n_layers", int), n_heads=_field(file, params, "n_heads", int),
         n_kv_heads=_field(file, params, "n_kv_heads", int, None), vocab_size=vocab, hidden_dim=hidden_dim,
         norm_eps=float(_field(file, params, "norm_eps", num, 1e-5)),
         rope_theta=float(_field(file, params, "rope_theta", num, 10000.0)), rope_scaling=scaling,
@@ -145,11 +185,12 @@ def load_meta(path: Path, dtype: torch.dtype | None = None, tokenizer: bool = Tr
     if files != wanted:
         raise HerdError(f"{path}: model-parallel shards must be numbered from consolidated.00.pth up, "
                         f"found {', '.join(f.name for f in files)}")
-    state_dict = _merge(path, [_load_pth(f) for f in files], dim)
+    state_dict = _merge(path, [_load_pth(f) for f in files], dim)  # mapped from the files, not read
+    cfg = config_from_params(path, params, state_dict)
+    check_fits(path, cfg, len(state_dict), sum(t.numel() for t in state_dict.values()))
+    check_state_dict(path, cfg, state_dict)
     if dtype is not None:
         state_dict = {k: v.to(dtype) for k, v in state_dict.items()}
-    cfg = config_from_params(path, params, state_dict)
-    check_state_dict(path, cfg, state_dict)
     tok, template, eos = directory_extras(path, tokenizer)
     return Checkpoint(cfg, state_dict, "meta", path, tok, template, eos)
 

@@ -5,106 +5,25 @@
     Q4_1 -> q4, group 32, fp16 scales      Q4_K -> q4, group 32, fp32 scales (d * sc, -dmin * m)
     Q6_K -> q8, group 16, fp32 scales      F16, BF16 -> f16, bf16;  F32 -> fp32
 Any other type is dequantized to fp32 (gguf-py), so every file llama.cpp writes for a Llama still
-loads. The header is parsed here rather than with gguf.GGUFReader, which takes seconds on a
-49k-token vocabulary; the values come out as the same plain Python values.
+loads. The header is read by herd's bounded reader (herd.checkpoint.gguf_file.GGUFFile).
 """
 
 from __future__ import annotations
 
-import struct
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-from gguf.quants import Q4_K, dequantize
+from gguf import GGMLQuantizationType
+from gguf.quants import Q4_K
 from torch import nn
 
-from herd.checkpoint.base import Checkpoint, expected_shapes, with_family
-from herd.checkpoint.gguf_file import MAGIC, config_from_gguf, gguf_extras, gguf_names
-from herd.errors import HerdError
+from herd.checkpoint.base import Checkpoint
+from herd.checkpoint.gguf_file import GGUFFile, gguf_extras, open_gguf, to_float  # noqa: F401  (GGUFFile: re-exported)
 from herd.model import Transformer
 from herd.quant.linear import PackedEmbedding, PackedLinear
 
 T = GGMLQuantizationType
-
-# value types of GGUF metadata: struct format, or a marker for strings (8), arrays (9), bool (7)
-_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 10: "Q", 11: "q", 12: "d"}
-_NUMPY = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32, 6: np.float32,
-          10: np.uint64, 11: np.int64, 12: np.float64}
-
-
-class _Cursor:
-    def __init__(self, data: memoryview, path: Path):
-        self.data, self.pos, self.path = data, 0, path
-
-    def take(self, fmt: str):
-        value = struct.unpack_from("<" + fmt, self.data, self.pos)
-        self.pos += struct.calcsize("<" + fmt)
-        return value[0] if len(value) == 1 else value
-
-    def string(self) -> str:
-        n = self.take("Q")
-        raw = bytes(self.data[self.pos: self.pos + n])
-        if len(raw) != n:
-            raise struct.error("string runs past the end of the file")
-        self.pos += n
-        return raw.decode("utf-8", errors="replace")
-
-    def value(self, kind: int) -> Any:
-        if kind in _SCALARS:
-            return self.take(_SCALARS[kind])
-        if kind == 7:
-            return bool(self.take("B"))
-        if kind == 8:
-            return self.string()
-        if kind == 9:
-            sub, n = self.take("I"), self.take("Q")
-            if sub in _NUMPY:
-                dtype = np.dtype(_NUMPY[sub]).newbyteorder("<")
-                values = np.frombuffer(self.data, dtype, n, self.pos)
-                self.pos += n * dtype.itemsize
-                return values.tolist()
-            return [self.value(sub) for _ in range(n)]
-        raise struct.error(f"unknown metadata value type {kind}")
-
-
-class GGUFFile:
-    """A GGUF file's metadata (plain Python values) and tensors (memory-mapped raw bytes)."""
-
-    def __init__(self, path: str | Path):
-        self.path = path = Path(path)
-        try:
-            self.raw = np.memmap(path, dtype=np.uint8, mode="c")  # copy-on-write: writable, never written
-            cur = _Cursor(memoryview(self.raw), path)
-            if bytes(self.raw[:4]) != MAGIC:
-                raise struct.error("not a GGUF file")
-            cur.pos = 4
-            version, n_tensors, n_kv = cur.take("I"), cur.take("Q"), cur.take("Q")
-            if version not in (2, 3):
-                raise struct.error(f"GGUF version {version} (herd reads 2 and 3)")
-            self.metadata: dict[str, Any] = {}
-            for _ in range(n_kv):
-                key = cur.string()
-                self.metadata[key] = cur.value(cur.take("I"))
-            infos = []
-            for _ in range(n_tensors):
-                name = cur.string()
-                dims = [cur.take("Q") for _ in range(cur.take("I"))]
-                infos.append((name, tuple(reversed(dims)), T(cur.take("I")), cur.take("Q")))
-            align = self.metadata.get("general.alignment", 32)
-            start = (cur.pos + align - 1) // align * align
-            self.tensors: dict[str, tuple[tuple[int, ...], GGMLQuantizationType, np.ndarray]] = {}
-            for name, shape, kind, offset in infos:
-                block, size = GGML_QUANT_SIZES[kind]
-                nbytes = int(np.prod(shape)) // block * size
-                data = self.raw[start + offset: start + offset + nbytes]
-                if len(data) != nbytes:
-                    raise struct.error(f"tensor {name} runs past the end of the file")
-                self.tensors[name] = (shape, kind, data)
-        except (struct.error, ValueError, KeyError, OverflowError, OSError) as e:
-            raise HerdError(f"{path}: corrupt or truncated GGUF file ({type(e).__name__}: {e})") from None
 
 
 def _blocks(data: np.ndarray, shape: tuple[int, ...], block_bytes: int) -> np.ndarray:
@@ -165,87 +84,44 @@ def repack(kind: GGMLQuantizationType, shape: tuple[int, ...], data: np.ndarray)
     return None
 
 
-def _float(path: Path, name: str, kind: GGMLQuantizationType, shape: tuple[int, ...], data: np.ndarray) -> torch.Tensor:
-    if kind == T.F32:
-        return torch.from_numpy(data.view(np.float32).reshape(shape))
-    try:
-        return torch.from_numpy(np.ascontiguousarray(dequantize(data, kind), dtype=np.float32).reshape(shape))
-    except (NotImplementedError, KeyError, ValueError) as e:
-        raise HerdError(f"{path}: cannot dequantize tensor {name} of type {kind.name} ({e})") from None
-
-
-def _module(path: Path, name: str, kind, shape, data) -> nn.Module:
+def _module(path: Path, name: str, shape, kind, data) -> nn.Module:
     packed = repack(kind, shape, data) if len(shape) == 2 else None
     if packed is not None:
         fmt, g, tensors = packed
         return PackedLinear(fmt, shape[1], shape[0], g, tensors)
     linear = nn.Linear(shape[1], shape[0], bias=False, device="meta")
-    linear.weight = nn.Parameter(_float(path, name, kind, shape, data), requires_grad=False)
+    linear.weight = nn.Parameter(torch.from_numpy(to_float(path, name, shape, kind, data)), requires_grad=False)
     return linear
 
 
 def load_gguf_packed(path: str | Path, tokenizer: bool = True) -> tuple[Transformer, Checkpoint]:
     """A model built from a GGUF file with its tensors kept as stored (see the module docstring),
     and the file's Checkpoint (config, tokenizer, chat template, end tokens; its state_dict is the
-    model's)."""
-    f = GGUFFile(path)
-    path, md, tensors = f.path, f.metadata, dict(f.tensors)
-    if "token_embd.weight" not in tensors:
-        raise HerdError(f"{path}: no token_embd.weight tensor")
-    rope = tensors.pop("rope_freqs.weight", None)
-    factors = None if rope is None else rope[2].view(np.float32).copy()
-    emb_shape, emb_kind, emb_data = tensors["token_embd.weight"]
-    cfg = config_from_gguf(path, md, emb_shape[0], factors)
-    names = gguf_names(cfg.n_layers)
-    unknown = [n for n in tensors if n not in names]
-    if unknown:
-        raise HerdError(f"{path}: unexpected tensor {unknown[0]} for a {cfg.n_layers}-layer Llama")
-    out = tensors.get("output.weight")
-    tied = out is None or (out[1] == emb_kind and out[0] == emb_shape and np.array_equal(out[2], emb_data))
-    cfg = with_family(cfg.replace(tie_embeddings=tied))
-
+    model's). Names and shapes are checked against the config before any tensor is read."""
+    f, cfg, names = open_gguf(Path(path))
+    path = f.path
     with torch.device("meta"):
         model = Transformer(cfg)
     floats = {}
-    for gname, (shape, kind, data) in tensors.items():
-        name = names[gname]
+    for gname, (shape, kind, data) in f.tensors.items():
+        name = names.get(gname)
+        if name is None or name == "tok_embeddings.weight":  # a tied output.weight; the embedding comes last
+            continue
         if name.endswith("norm.weight"):
-            floats[name] = _float(path, gname, kind, shape, data)
+            floats[name] = torch.from_numpy(to_float(path, gname, shape, kind, data))
             continue
-        if name == "tok_embeddings.weight" or (name == "output.weight" and tied):
-            continue
-        if len(shape) != 2:
-            raise HerdError(f"{path}: tensor {gname} has shape {list(shape)}, expected a matrix")
         parent, _, attr = name.removesuffix(".weight").rpartition(".")
-        setattr(model.get_submodule(parent), attr, _module(path, gname, kind, shape, data))
+        setattr(model.get_submodule(parent), attr, _module(path, gname, shape, kind, data))
 
-    embedding = _module(path, "token_embd.weight", emb_kind, emb_shape, emb_data)
-    if tied:
+    embedding = _module(path, "token_embd.weight", *f.tensors["token_embd.weight"])
+    if cfg.tie_embeddings:
         model.output = embedding
     if isinstance(embedding, PackedLinear):
         model.tok_embeddings = PackedEmbedding(embedding)
     else:
         floats["tok_embeddings.weight"] = embedding.weight
-    missing = [n for n in floats if n not in dict(model.named_parameters())]
-    if missing:
-        raise HerdError(f"{path}: unexpected tensor {missing[0]}")
     model.load_state_dict(floats, strict=False, assign=True)
-    if tied and isinstance(model.output, nn.Linear):
+    if cfg.tie_embeddings and isinstance(model.output, nn.Linear):
         model.output.weight = model.tok_embeddings.weight
-    _check_shapes(path, model)
-    tok, template, eos = gguf_extras(md, tokenizer)
+    tok, template, eos = gguf_extras(f.metadata, tokenizer)
     return model, Checkpoint(cfg, model.state_dict(), "gguf", path, tok, template, eos)
-
-
-def _check_shapes(path: Path, model: Transformer) -> None:
-    """Every tensor present, every matrix of the size the config needs."""
-    expected = expected_shapes(model.config)
-    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if t.is_meta:
-            raise HerdError(f"{path}: tensor {name} is missing")
-    for name, module in model.named_modules():
-        if isinstance(module, (PackedLinear, nn.Linear)) and f"{name}.weight" in expected:
-            shape = (module.out_features, module.in_features)
-            if shape != expected[f"{name}.weight"]:
-                raise HerdError(f"{path}: tensor {name}.weight has shape {list(shape)}, "
-                                f"the config needs {list(expected[name + '.weight'])}")

@@ -31,14 +31,17 @@ def tokenizer_from_gguf(fields: Mapping[str, Any]) -> Tokenizer:
     values (str, int, float, bool, lists)."""
     kind = fields.get("tokenizer.ggml.model")
     tokens = fields.get("tokenizer.ggml.tokens")
-    if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
+    if not _list_of(tokens, str) or not tokens:
         raise HerdError(f"{SOURCE}: tokenizer.ggml.tokens is missing or not a list of strings")
     types = fields.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens)
-    if len(types) != len(tokens) or not all(NORMAL <= t <= BYTE for t in types):
+    if not _list_of(types, int, len(tokens)) or not all(NORMAL <= t <= BYTE for t in types):
         raise HerdError(f"{SOURCE}: tokenizer.ggml.token_type must hold one type 1..6 per token")
     ids = {name: _token_id(fields, name, len(tokens)) for name in ("bos", "eos", "unknown")}
     add_bos = fields.get("tokenizer.ggml.add_bos_token")
     template = fields.get("tokenizer.chat_template")
+    if not isinstance(add_bos, (bool, type(None))) or not isinstance(template, (str, type(None))):
+        raise HerdError(f"{SOURCE}: tokenizer.ggml.add_bos_token must be true or false, and tokenizer.chat_template "
+                        "a string")
     if kind == "llama":
         proto = _sentencepiece_proto(fields, tokens, types, ids)
         return SentencePieceTokenizer(proto, SOURCE, add_bos=add_bos, chat_template=template)
@@ -49,6 +52,12 @@ def tokenizer_from_gguf(fields: Mapping[str, Any]) -> Tokenizer:
     raise HerdError(f"{SOURCE}: tokenizer.ggml.model {kind!r} is not supported (llama, gpt2)")
 
 
+def _list_of(value: Any, kind: type | tuple[type, ...], length: int | None = None) -> bool:
+    """Whether `value` is a list of `kind` (bools excluded) of `length` items, when given."""
+    return isinstance(value, list) and (length is None or len(value) == length) and \
+        all(isinstance(v, kind) and not isinstance(v, bool) for v in value)
+
+
 def _token_id(fields: Mapping[str, Any], name: str, n_tokens: int) -> int | None:
     """A special token id, or None when absent or unset (llama.cpp writes -1 as 0xFFFFFFFF)."""
     value = fields.get(f"tokenizer.ggml.{name}_token_id")
@@ -57,7 +66,7 @@ def _token_id(fields: Mapping[str, Any], name: str, n_tokens: int) -> int | None
 
 def _sentencepiece_proto(fields: Mapping[str, Any], tokens: list[str], types: list[int], ids: dict) -> bytes:
     scores = fields.get("tokenizer.ggml.scores")
-    if not isinstance(scores, list) or len(scores) != len(tokens):
+    if not _list_of(scores, (int, float), len(tokens)):
         raise HerdError(f"{SOURCE}: a llama vocabulary needs tokenizer.ggml.scores, one per token")
     pb = sentencepiece_model_pb2
     model = pb.ModelProto()
@@ -98,15 +107,15 @@ def _pre_tokenizer(pre: str):
 
 def _byte_level_bpe(fields: Mapping[str, Any], tokens: list[str], types: list[int]) -> HFBackend:
     merges = fields.get("tokenizer.ggml.merges")
-    if not isinstance(merges, list) or not merges:
-        raise HerdError(f"{SOURCE}: a gpt2 vocabulary needs tokenizer.ggml.merges")
+    if not _list_of(merges, str) or not merges:
+        raise HerdError(f"{SOURCE}: a gpt2 vocabulary needs tokenizer.ggml.merges, a list of strings")
     pairs = []
     for merge in merges:
         cut = merge.find(" ", 1)  # as llama.cpp: the first space after the first character
         if cut < 0:
             raise HerdError(f"{SOURCE}: merge {merge!r} is not two tokens separated by a space")
         pairs.append((merge[:cut], merge[cut + 1 :]))
-    pre, ignore_merges = _pre_tokenizer(fields.get("tokenizer.ggml.pre", "default"))
+    pre, ignore_merges = _pre_tokenizer(str(fields.get("tokenizer.ggml.pre", "default")))
     vocab = {text: i for i, text in enumerate(tokens)}
     try:
         backend = HFBackend(models.BPE(vocab, pairs, ignore_merges=ignore_merges))
