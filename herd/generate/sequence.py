@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from herd.errors import HerdError
 from herd.generate.constrained import JsonConstraint
 from herd.generate.sampling import Sampler, SamplingParams
 from herd.generate.stopping import StopStrings
-from herd.errors import HerdError
 from herd.tokenizer import StreamDecoder, Tokenizer
 
 
@@ -21,6 +21,8 @@ class Sequence:
 
     def __init__(self, prompt_ids: list[int], params: SamplingParams, tokenizer: Tokenizer | None,
                  stop_ids: set[int], vocab_size: int, limit: int):
+        if not prompt_ids:
+            raise HerdError("the prompt is empty: generation needs at least one token to start from")
         self.prompt_ids = prompt_ids
         self.params = params
         self.limit = limit

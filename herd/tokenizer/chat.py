@@ -20,10 +20,10 @@ from typing import Any
 
 import jinja2
 import jinja2.ext
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from herd.errors import HerdError
 from herd.tokenizer.base import Tokenizer
+from herd.tokenizer.sandbox import BoundedSandbox
 from herd.tokenizer.spm import SentencePieceTokenizer
 from herd.tokenizer.tools import (
     PYTHON_END,
@@ -344,7 +344,7 @@ def _tojson(value: Any, ensure_ascii: bool = False, indent=None, separators=None
 
 
 def _first_line(text: str | None) -> str:
-    return (text or "").strip().split("\n", 1)[0]
+    return (text or "").strip().split("\n", 1)[0][:500]  # a template can raise with any message
 
 
 def _raise_exception(message: str):
@@ -372,7 +372,8 @@ def _mark(value: Any, control: re.Pattern) -> Any:
 class JinjaChat(ChatFormat):
     """A model's own chat template, rendered as transformers renders it: a sandboxed Jinja
     environment with trim_blocks/lstrip_blocks, `raise_exception`, `strftime_now` (from `now`,
-    so tests can fix the date) and a json.dumps `tojson`."""
+    so tests can fix the date) and a json.dumps `tojson`. A template is code from a checkpoint,
+    so each render is bounded in time and size (herd.tokenizer.sandbox)."""
 
     def __init__(
         self, template: str, bos_token: str = "", eos_token: str = "", now: Callable[[], datetime] = datetime.now
@@ -380,12 +381,13 @@ class JinjaChat(ChatFormat):
         if not isinstance(template, str):
             raise HerdError(f"chat template must be a string, got {type(template).__name__}")
         self.bos_token, self.eos_token = bos_token, eos_token
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
-        env.filters["tojson"] = _tojson
-        env.globals["raise_exception"] = _raise_exception
-        env.globals["strftime_now"] = lambda fmt: now().strftime(fmt)
+        self._env = BoundedSandbox(
+            filters={"tojson": _tojson},
+            globals={"raise_exception": _raise_exception, "strftime_now": lambda fmt: now().strftime(fmt)},
+            trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols],
+        )
         try:
-            self._template = env.from_string(template)
+            self._template = self._env.template(template)
         except jinja2.TemplateSyntaxError as e:
             raise HerdError(f"chat template: syntax error on line {e.lineno}: {e.message}") from None
 
@@ -397,7 +399,8 @@ class JinjaChat(ChatFormat):
         functions, builtin = split_tools(tools)
         extra = {"builtin_tools": builtin} if builtin else {}  # templates test `builtin_tools is defined`
         try:
-            return self._template.render(
+            return self._env.render(
+                self._template,
                 messages=messages,
                 tools=functions,
                 add_generation_prompt=add_generation_prompt,
@@ -405,10 +408,15 @@ class JinjaChat(ChatFormat):
                 eos_token=self.eos_token,
                 **extra,
             )
+        except HerdError:  # a limit
+            raise
         except jinja2.TemplateError as e:  # includes raise_exception() and undefined names
             raise HerdError(f"chat template: {_first_line(e.message) or type(e).__name__}") from None
-        except Exception as e:  # a template is code: its bugs surface as TypeError, KeyError, ...
-            raise HerdError(f"chat template failed: {type(e).__name__}: {_first_line(str(e))}") from None
+        except RecursionError:
+            raise HerdError("chat template: its macros or loops recurse deeper than Python's recursion limit") from None
+        except Exception as e:  # a template is code: its bugs surface as TypeError, KeyError, MemoryError...
+            detail = _first_line(str(e))
+            raise HerdError(f"chat template failed: {type(e).__name__}" + (f": {detail}" if detail else "")) from None
 
     def encode(self, tokenizer: Tokenizer, messages: Sequence[Message], add_generation_prompt: bool = True,
                tools: Sequence[Mapping] | None = None) -> list[int]:
@@ -421,14 +429,17 @@ class JinjaChat(ChatFormat):
         msgs = _check_messages(messages, None)
         specials = tokenizer.special_tokens
         if not specials:
-            return tokenizer.encode(self._render(msgs, add_generation_prompt, tools), special=True)
-        control = _control_pattern(tuple(specials))
-        text = self._render(_mark(msgs, control), add_generation_prompt, _mark(tools, control))
-        pieces = re.split(f"{_OPEN}({control.pattern}){_CLOSE}|[{_OPEN}{_CLOSE}]", text)
-        ids: list[int] = []
-        for i, piece in enumerate(pieces):
-            if piece:  # even: template text; odd: a marked string from the messages
-                ids += tokenizer.encode(piece, special=i % 2 == 0)
+            ids = tokenizer.encode(self._render(msgs, add_generation_prompt, tools), special=True)
+        else:
+            control = _control_pattern(tuple(specials))
+            text = self._render(_mark(msgs, control), add_generation_prompt, _mark(tools, control))
+            pieces = re.split(f"{_OPEN}({control.pattern}){_CLOSE}|[{_OPEN}{_CLOSE}]", text)
+            ids = []
+            for i, piece in enumerate(pieces):
+                if piece:  # even: template text; odd: a marked string from the messages
+                    ids += tokenizer.encode(piece, special=i % 2 == 0)
+        if not ids:
+            raise HerdError("the chat template rendered an empty prompt: there is no token to generate from")
         return ids
 
     def stop_ids(self, tokenizer: Tokenizer) -> set[int]:
