@@ -429,6 +429,8 @@ CASES: dict[str, tuple[Callable[[Path], Path], tuple[str, ...]]] = {
     "hf_llama4_moe_layers_not_a_list": (hf_dir({"model_type": "llama4_text", "architectures": ["Llama4ForCausalLM"],
                                                 "intermediate_size_mlp": HIDDEN, "num_local_experts": 2,
                                                 "moe_layers": 5}), ("moe_layers",)),
+    "hf_index_outside_directory": (hf_dir(extra={"model.safetensors.index.json": json.dumps(
+        {"weight_map": {"model.norm.weight": "../../../../etc/passwd"}}).encode()}), ("weight_map", "../")),
     "hf_template_not_utf8": (hf_dir(extra={"chat_template.jinja": b"\xff\xfe{{ bad }}"}), ("chat_template.jinja",)),
     # Meta
     "meta_legacy_pth": (meta_dir(pth=_legacy_pth), ("legacy", "zip")),

@@ -142,7 +142,11 @@ def weight_files(path: Path) -> list[Path]:
         weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict):
             raise HerdError(f"{index}: no weight_map object")
-        files = [path / name for name in dict.fromkeys(weight_map.values())]
+        names = list(dict.fromkeys(weight_map.values()))
+        outside = [n for n in names if not isinstance(n, str) or Path(n).name != n or n in ("", ".", "..")]
+        if outside:
+            raise HerdError(f"{index}: weight_map may name only files in its directory, got {outside[0]!r}")
+        files = [path / name for name in names]
         for f in files:
             if not f.exists():
                 raise HerdError(f"{index}: lists {f.name}, which is missing")
