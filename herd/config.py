@@ -11,6 +11,7 @@ import dataclasses
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from types import MappingProxyType
 
 from herd.errors import HerdError
@@ -213,68 +214,67 @@ def _llama4(n_experts: int, layer_step: int, **kw) -> ModelConfig:
     """Llama 4 Scout/Maverick text models: 17B active parameters, one routed expert per token,
     rotary on three layers in four (chunked local attention, 8192 positions) and global NoPE
     attention on every fourth."""
-    return ModelConfig(5120, 48, 40, 202048, 16384, n_kv_heads=8, rope_theta=5e5,
-                       moe=MoE(n_experts=n_experts, hidden_dim=8192, layer_step=layer_step), nope_layer_step=4,
-                       attention_chunk_size=8192, attn_temperature=AttnTemperature(), family="llama4", **kw)
+    return ModelConfig(dim=5120, n_layers=48, n_heads=40, vocab_size=202048, hidden_dim=16384, n_kv_heads=8,
+                       rope_theta=5e5, moe=MoE(n_experts=n_experts, hidden_dim=8192, layer_step=layer_step),
+                       nope_layer_step=4, attention_chunk_size=8192, attn_temperature=AttnTemperature(),
+                       family="llama4", **kw)
 
 
 def _registry() -> dict[str, ModelConfig]:
-    c = ModelConfig
-    v2, v3 = 32000, 128256
-    l31 = _llama3_rope(8.0)
-    l32 = _llama3_rope(32.0)
+    # What a family shares is said once; each line below gives the rest by name.
+    llama2 = partial(ModelConfig, vocab_size=32000, family="llama2")
+    codellama = partial(ModelConfig, rope_theta=1e6, max_seq_len=16384, family="codellama")
+    llama3 = partial(ModelConfig, vocab_size=128256, n_kv_heads=8, rope_theta=5e5, family="llama3")
+    llama31 = partial(llama3, rope_scaling=_llama3_rope(8.0), max_seq_len=131072)
+    llama32 = partial(llama3, rope_scaling=_llama3_rope(32.0), tie_embeddings=True, max_seq_len=131072)
+    smollm2 = partial(ModelConfig, vocab_size=49152, tie_embeddings=True, max_seq_len=8192, family="chatml")
+    stories = partial(llama2, tie_embeddings=True)
     configs = [
         # Llama 1 (Touvron et al. 2023), 2048 context
-        c(4096, 32, 32, v2, 11008, norm_eps=1e-6, name="llama-7b", family="llama2"),
-        c(5120, 40, 40, v2, 13824, norm_eps=1e-6, name="llama-13b", family="llama2"),
-        c(6656, 60, 52, v2, 17920, norm_eps=1e-6, name="llama-33b", family="llama2"),
-        c(8192, 80, 64, v2, 22016, norm_eps=1e-5, name="llama-65b", family="llama2"),
+        llama2(name="llama-7b", dim=4096, n_layers=32, n_heads=32, hidden_dim=11008, norm_eps=1e-6),
+        llama2(name="llama-13b", dim=5120, n_layers=40, n_heads=40, hidden_dim=13824, norm_eps=1e-6),
+        llama2(name="llama-33b", dim=6656, n_layers=60, n_heads=52, hidden_dim=17920, norm_eps=1e-6),
+        llama2(name="llama-65b", dim=8192, n_layers=80, n_heads=64, hidden_dim=22016, norm_eps=1e-5),
         # Llama 2, 4096 context; 70B uses grouped-query attention
-        c(4096, 32, 32, v2, 11008, max_seq_len=4096, name="llama-2-7b", family="llama2"),
-        c(5120, 40, 40, v2, 13824, max_seq_len=4096, name="llama-2-13b", family="llama2"),
-        c(8192, 80, 64, v2, 28672, n_kv_heads=8, max_seq_len=4096, name="llama-2-70b", family="llama2"),
+        llama2(name="llama-2-7b", dim=4096, n_layers=32, n_heads=32, hidden_dim=11008, max_seq_len=4096),
+        llama2(name="llama-2-13b", dim=5120, n_layers=40, n_heads=40, hidden_dim=13824, max_seq_len=4096),
+        llama2(name="llama-2-70b", dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, hidden_dim=28672,
+               max_seq_len=4096),
         # Code Llama: rope theta 1e6, 16K training context; 7B/13B add 16 infill tokens
-        c(4096, 32, 32, 32016, 11008, rope_theta=1e6, max_seq_len=16384, name="codellama-7b", family="codellama"),
-        c(5120, 40, 40, 32016, 13824, rope_theta=1e6, max_seq_len=16384, name="codellama-13b", family="codellama"),
-        c(8192, 48, 64, v2, 22016, n_kv_heads=8, rope_theta=1e6, max_seq_len=16384, name="codellama-34b",
-          family="codellama"),
+        codellama(name="codellama-7b", dim=4096, n_layers=32, n_heads=32, vocab_size=32016, hidden_dim=11008),
+        codellama(name="codellama-13b", dim=5120, n_layers=40, n_heads=40, vocab_size=32016, hidden_dim=13824),
+        codellama(name="codellama-34b", dim=8192, n_layers=48, n_heads=64, n_kv_heads=8, vocab_size=32000,
+                  hidden_dim=22016),
         # Llama 3: 128K vocabulary, GQA everywhere, rope theta 500000
-        c(4096, 32, 32, v3, 14336, n_kv_heads=8, rope_theta=5e5, max_seq_len=8192, name="llama-3-8b", family="llama3"),
-        c(8192, 80, 64, v3, 28672, n_kv_heads=8, rope_theta=5e5, max_seq_len=8192, name="llama-3-70b", family="llama3"),
+        llama3(name="llama-3-8b", dim=4096, n_layers=32, n_heads=32, hidden_dim=14336, max_seq_len=8192),
+        llama3(name="llama-3-70b", dim=8192, n_layers=80, n_heads=64, hidden_dim=28672, max_seq_len=8192),
         # Llama 3.1: 128K context through scaled rope
-        c(4096, 32, 32, v3, 14336, n_kv_heads=8, rope_theta=5e5, rope_scaling=l31, max_seq_len=131072,
-          name="llama-3.1-8b", family="llama3"),
-        c(8192, 80, 64, v3, 28672, n_kv_heads=8, rope_theta=5e5, rope_scaling=l31, max_seq_len=131072,
-          name="llama-3.1-70b", family="llama3"),
-        c(16384, 126, 128, v3, 53248, n_kv_heads=8, rope_theta=5e5, rope_scaling=l31, max_seq_len=131072,
-          name="llama-3.1-405b", family="llama3"),
+        llama31(name="llama-3.1-8b", dim=4096, n_layers=32, n_heads=32, hidden_dim=14336),
+        llama31(name="llama-3.1-70b", dim=8192, n_layers=80, n_heads=64, hidden_dim=28672),
+        llama31(name="llama-3.1-405b", dim=16384, n_layers=126, n_heads=128, hidden_dim=53248),
         # Llama 3.2: small models with tied embeddings, rope factor 32
-        c(2048, 16, 32, v3, 8192, n_kv_heads=8, rope_theta=5e5, rope_scaling=l32, tie_embeddings=True,
-          max_seq_len=131072, name="llama-3.2-1b", family="llama3"),
-        c(3072, 28, 24, v3, 8192, n_kv_heads=8, rope_theta=5e5, rope_scaling=l32, tie_embeddings=True,
-          max_seq_len=131072, name="llama-3.2-3b", family="llama3"),
-        c(8192, 80, 64, v3, 28672, n_kv_heads=8, rope_theta=5e5, rope_scaling=l31, max_seq_len=131072,
-          name="llama-3.3-70b", family="llama3"),
+        llama32(name="llama-3.2-1b", dim=2048, n_layers=16, n_heads=32, hidden_dim=8192),
+        llama32(name="llama-3.2-3b", dim=3072, n_layers=28, n_heads=24, hidden_dim=8192),
+        llama31(name="llama-3.3-70b", dim=8192, n_layers=80, n_heads=64, hidden_dim=28672),
         # Llama 4: mixture of experts. Scout: 16 experts in every layer, QK norm, 10M context by
         # scaled rope; Maverick: 128 experts in every other layer, 1M context.
-        _llama4(16, 1, qk_norm=True, max_seq_len=10485760, name="llama-4-scout-17b-16e",
+        _llama4(n_experts=16, layer_step=1, qk_norm=True, max_seq_len=10485760, name="llama-4-scout-17b-16e",
                 rope_scaling=RopeScaling(factor=16.0, low_freq_factor=1.0, high_freq_factor=1.0,
                                          original_max_position=8192)),
-        _llama4(128, 2, max_seq_len=1048576, name="llama-4-maverick-17b-128e"),
+        _llama4(n_experts=128, layer_step=2, max_seq_len=1048576, name="llama-4-maverick-17b-128e"),
         # Community models with the Llama architecture
-        c(2048, 22, 32, v2, 5632, n_kv_heads=4, max_seq_len=2048, name="tinyllama-1.1b", family="llama2"),
-        c(576, 30, 9, 49152, 1536, n_kv_heads=3, rope_theta=1e5, tie_embeddings=True, max_seq_len=8192,
-          name="smollm2-135m", family="chatml"),
-        c(960, 32, 15, 49152, 2560, n_kv_heads=5, rope_theta=1e5, tie_embeddings=True, max_seq_len=8192,
-          name="smollm2-360m", family="chatml"),
-        c(2048, 24, 32, 49152, 8192, n_kv_heads=32, rope_theta=1.3e5, tie_embeddings=True, max_seq_len=8192,
-          name="smollm2-1.7b", family="chatml"),
+        llama2(name="tinyllama-1.1b", dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, hidden_dim=5632,
+               max_seq_len=2048),
+        smollm2(name="smollm2-135m", dim=576, n_layers=30, n_heads=9, n_kv_heads=3, hidden_dim=1536, rope_theta=1e5),
+        smollm2(name="smollm2-360m", dim=960, n_layers=32, n_heads=15, n_kv_heads=5, hidden_dim=2560, rope_theta=1e5),
+        smollm2(name="smollm2-1.7b", dim=2048, n_layers=24, n_heads=32, n_kv_heads=32, hidden_dim=8192,
+                rope_theta=1.3e5),
         # Karpathy's llama2.c TinyStories models (shared classifier)
-        c(64, 5, 8, 512, 172, n_kv_heads=4, tie_embeddings=True, max_seq_len=512, name="stories260k",
-          family="llama2"),
-        c(288, 6, 6, v2, 768, tie_embeddings=True, max_seq_len=256, name="stories15m", family="llama2"),
-        c(512, 8, 8, v2, 1376, tie_embeddings=True, max_seq_len=1024, name="stories42m", family="llama2"),
-        c(768, 12, 12, v2, 2048, tie_embeddings=True, max_seq_len=1024, name="stories110m", family="llama2"),
+        stories(name="stories260k", dim=64, n_layers=5, n_heads=8, n_kv_heads=4, vocab_size=512, hidden_dim=172,
+                max_seq_len=512),
+        stories(name="stories15m", dim=288, n_layers=6, n_heads=6, hidden_dim=768, max_seq_len=256),
+        stories(name="stories42m", dim=512, n_layers=8, n_heads=8, hidden_dim=1376, max_seq_len=1024),
+        stories(name="stories110m", dim=768, n_layers=12, n_heads=12, hidden_dim=2048, max_seq_len=1024),
     ]
     return {cfg.name: cfg for cfg in configs}
 
