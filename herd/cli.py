@@ -216,23 +216,25 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from herd.serve import serve
+    from herd.serve import api_key_from, listen, serve
 
     if args.kv_memory is not None and args.kv_memory <= 0:
         raise HerdError(f"--kv-memory must be > 0 GiB, got {args.kv_memory}")
     check_speculative_args(args)
+    api_key = api_key_from(args.api_key, args.api_key_file)
     adapters = dict(_lora_spec(spec) for spec in args.lora or [])
-    llm = load_llm(args)
-    llm.load_adapters(adapters)
-    guard = None
-    if args.guard:
-        import herd
+    with listen(args.host, args.port) as sock:  # before the model loads: a port in use fails at once
+        llm = load_llm(args)
+        llm.load_adapters(adapters)
+        guard = None
+        if args.guard:
+            import herd
 
-        guard = herd.load(args.guard, dtype=args.dtype, device=args.device)
-    serve(llm, guard=guard, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("HERD_API_KEY"),
-          max_batch=args.max_batch, ctx=args.ctx, max_queue=args.max_queue, draft=args.draft, lookup=args.lookup,
-          draft_tokens=args.draft_tokens,
-          kv_memory=None if args.kv_memory is None else int(args.kv_memory * 2**30))
+            guard = herd.load(args.guard, dtype=args.dtype, device=args.device)
+        serve(llm, guard=guard, sock=sock, host=args.host, api_key=api_key, max_batch=args.max_batch, ctx=args.ctx,
+              max_queue=args.max_queue, drain_timeout=args.drain_timeout, draft=args.draft, lookup=args.lookup,
+              draft_tokens=args.draft_tokens,
+              kv_memory=None if args.kv_memory is None else int(args.kv_memory * 2**30))
 
 
 def _lora_spec(spec: str) -> tuple[str, str]:
@@ -390,7 +392,11 @@ def build_parser() -> Parser:
     add_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     p.add_argument("--port", type=PORT, default=8000, help="default: 8000")
-    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (also $HERD_API_KEY)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (also $HERD_API_KEY)")
+    g.add_argument("--api-key-file", metavar="PATH", help="--api-key read from this file (kept out of ps)")
+    p.add_argument("--drain-timeout", type=bounded(float, 0), default=30.0, metavar="SECONDS",
+                   help="on SIGTERM, how long running requests may finish before the rest are refused (default: 30)")
     p.add_argument("--max-batch", type=COUNT, default=8, help="requests decoded together (default: 8)")
     p.add_argument("--ctx", type=COUNT, help="context per request in tokens (default: the model's, at most 4096)")
     p.add_argument("--kv-memory", type=POSITIVE, help="KV cache budget in GiB; fewer slots than --max-batch if needed")

@@ -67,7 +67,7 @@ class TokenLogprob:
 class Event:
     """New output of one request: text made final by this step, the tokens sampled, their
     log-probabilities when asked for, and on the last event why it ended ("stop", "length",
-    "cancelled", "error"; `error` says what went wrong)."""
+    "cancelled", "error": `error` says what went wrong, "shutdown": the engine stopped first)."""
 
     text: str
     tokens: list[int]
@@ -174,8 +174,9 @@ class Engine:
         with self._cond:
             if self._stopping:
                 raise EngineStopped("the server is shutting down")
-            if len(self._waiting) >= self.max_queue:
-                raise QueueFull(f"{len(self._waiting)} requests are already waiting; try again shortly")
+            waiting = len(self._waiting) - len(self._free)  # those not about to take a free slot
+            if waiting >= self.max_queue:
+                raise QueueFull(f"{waiting} requests are already waiting; try again shortly")
             self._waiting.append(handle)
             self.metrics.queue_depth.set(len(self._waiting))
             self._cond.notify()
@@ -196,7 +197,7 @@ class Engine:
                     "running": len(self._active)}
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Cancel what is waiting or running and end the engine thread."""
+        """End the engine thread; what is waiting or running ends with finish reason "shutdown"."""
         with self._cond:
             self._stopping = True
             self._cond.notify()
@@ -212,7 +213,7 @@ class Engine:
                     self._cond.wait()
                 if self._stopping:
                     for h in list(self._waiting) + self._active:
-                        self._finish(h, Event("", [], finish_reason="cancelled"))
+                        self._finish(h, Event("", [], finish_reason="shutdown"))
                     self._waiting.clear()
                     return
                 self._admit()

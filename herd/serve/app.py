@@ -4,20 +4,31 @@ options, so other features (adapters, guards, more routes) can be added around i
 
 from __future__ import annotations
 
+import asyncio
 import hmac
+import os
+import re
 import signal
+import socket
 import sys
 from contextlib import asynccontextmanager
 from importlib import resources
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from herd.engine import Engine
+from herd.errors import HerdError
 from herd.serve import errors, moderation, ollama_api, openai_api
 from herd.serve.service import Service
 
 OPEN_PATHS = {"/", "/health", "/favicon.ico", "/openapi.json", "/docs", "/redoc"}
+SHUTDOWN_GRACE = 10.0  # seconds past the drain for streams to send their last event
+
+
+class MetricsText(Response):
+    media_type = "text/plain; version=0.0.4"  # Prometheus' text format
 
 
 def create_app(engine: Engine, *, api_key: str | None = None, name: str | None = None,
@@ -55,17 +66,21 @@ def create_app(engine: Engine, *, api_key: str | None = None, name: str | None =
         return await call_next(request)
 
     app.add_middleware(BodyLimit, limit=max_body)
-    app.include_router(openai_api.router(svc))
-    app.include_router(ollama_api.router(svc))
-    app.include_router(moderation.router(moderator))
+
+    def auth(ollama: bool = False) -> dict | None:
+        return errors.responses(401, ollama=ollama) if key is not None else None
+
+    app.include_router(openai_api.router(svc), responses=auth())
+    app.include_router(ollama_api.router(svc), responses=auth(ollama=True))
+    app.include_router(moderation.router(moderator), responses=auth())
 
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": svc.name, **engine.stats()}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=MetricsText, responses=auth())
     async def metrics():
-        return Response(engine.metrics.render(), media_type="text/plain; version=0.0.4")
+        return MetricsText(engine.metrics.render())
 
     page = resources.files("herd.serve").joinpath("static/index.html").read_text()
 
@@ -117,18 +132,19 @@ class BodyLimit:
         await self.app(scope, limited, checked_send)
 
 
-def serve(llm, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, max_batch: int = 8,
-          ctx: int | None = None, kv_memory: int | None = None, max_queue: int = 64,
-          drain_timeout: float = 30.0, guard=None, draft=None, lookup: bool = False, draft_tokens: int = 5) -> None:
-    """Run the server until interrupted. On SIGINT/SIGTERM it stops accepting connections,
-    lets running requests finish for up to `drain_timeout` seconds, cancels the rest and exits.
-    `guard`: an LLM (Llama Guard 3) that screens requests and replies. `draft` (a smaller model
-    with the same tokenizer: an LLM or what herd.load takes) or `lookup`: decode speculatively,
-    `draft_tokens` per step (see herd.engine)."""
-    import uvicorn
-
+def serve(llm, *, host: str = "127.0.0.1", port: int = 8000, sock: socket.socket | None = None,
+          api_key: str | None = None, max_batch: int = 8, ctx: int | None = None, kv_memory: int | None = None,
+          max_queue: int = 64, drain_timeout: float = 30.0, guard=None, draft=None, lookup: bool = False,
+          draft_tokens: int = 5) -> None:
+    """Run the server until interrupted, on `sock` (from `listen`, opened before the model was
+    loaded) or else on host:port. On SIGINT/SIGTERM it stops accepting connections and lets
+    running requests finish for up to `drain_timeout` seconds; then what still waits gets 503
+    and what still streams ends with an error event. `guard`: an LLM (Llama Guard 3) that screens
+    requests and replies. `draft` (a smaller model with the same tokenizer: an LLM or what
+    herd.load takes) or `lookup`: decode speculatively, `draft_tokens` per step (see herd.engine)."""
     from herd.generate.speculative import make_drafter
 
+    sock = sock or listen(host, port)
     # uvicorn re-raises SIGTERM once it has drained; exit with status 0 then, not "killed by a signal".
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     drafter = make_drafter(llm, draft, lookup)
@@ -139,9 +155,70 @@ def serve(llm, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None
     speculative = ""
     if drafter is not None:
         speculative = f", drafts by {'prompt lookup' if lookup else getattr(draft, 'name', draft)}"
-    print(f"herd: serving {app.state.service.name} on http://{host}:{port} ({engine.n_slots} slots x "
-          f"{engine.ctx} tokens, KV cache {engine.kv_bytes / 2**20:.0f} MiB{speculative})", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=drain_timeout)
+    address = f"[{host}]" if ":" in host else host
+    print(f"herd: serving {app.state.service.name} on http://{address}:{sock.getsockname()[1]} ({engine.n_slots} "
+          f"slots x {engine.ctx} tokens, KV cache {engine.kv_bytes / 2**20:.0f} MiB{speculative})", flush=True)
+    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=drain_timeout + SHUTDOWN_GRACE)
+    DrainingServer(config, drain_timeout, [e for e in (engine, guard_engine) if e is not None]).run(sockets=[sock])
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A socket listening on host:port. Opened before the model loads, so that a port in use is
+    a one-line error at once, and "serving on" is printed only once it is true."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past connections' TIME_WAIT, as uvicorn
+        sock.bind((host, port))
+        sock.listen(2048)
+    except (OSError, OverflowError) as e:
+        sock.close()
+        raise HerdError(f"cannot listen on {host}:{port}: {getattr(e, 'strerror', None) or e}") from None
+    return sock
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's Server, except that when the drain time is up the engines stop, so that what still
+    runs ends as its protocol says (503, an error event) instead of being cut off by uvicorn."""
+
+    def __init__(self, config: uvicorn.Config, drain: float, engines: list[Engine]):
+        super().__init__(config)
+        self.drain, self.engines = drain, engines
+
+    async def shutdown(self, sockets=None) -> None:
+        loop = asyncio.get_running_loop()
+        stop = loop.call_later(self.drain, lambda: loop.run_in_executor(None, self.stop_engines))
+        try:
+            await super().shutdown(sockets)
+        finally:
+            stop.cancel()
+
+    def stop_engines(self) -> None:
+        for engine in self.engines:
+            engine.stop()
+
+
+def api_key_from(key: str | None, key_file: str | None) -> str | None:
+    """The API key: `key` (--api-key), else the contents of `key_file` less one trailing newline,
+    else $HERD_API_KEY; None when none is given. One given empty, or one that a client could not
+    send in a header, is an error: never a server that silently takes requests without a key."""
+    if key is not None:
+        where = "--api-key"
+    elif key_file is not None:
+        where = f"--api-key-file {key_file}"
+        try:
+            with open(key_file, encoding="utf-8") as f:
+                key = f.read().removesuffix("\n").removesuffix("\r")
+        except (OSError, UnicodeDecodeError) as e:
+            raise HerdError(f"{where}: cannot read the key ({getattr(e, 'strerror', None) or e})") from None
+    elif "HERD_API_KEY" in os.environ:
+        where, key = "$HERD_API_KEY", os.environ["HERD_API_KEY"]
+    else:
+        return None
+    if not key.strip():
+        raise HerdError(f"{where} is empty: give a key, or none at all to serve without authentication")
+    if not re.fullmatch(r"[!-~]+", key):
+        raise HerdError(f"{where}: a key is printable ASCII without spaces (clients send it in an HTTP header)")
+    return key
 
 
 def _version() -> str:

@@ -3,9 +3,10 @@ Ollama routes, Ollama's ({"error": "message"})."""
 
 from __future__ import annotations
 
-from fastapi import Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 
 from herd.engine import EngineStopped, QueueFull
@@ -14,6 +15,32 @@ from herd.errors import HerdError
 TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
          405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
          500: "server_error", 503: "server_error"}
+
+
+MEANINGS = {400: "The request is invalid.", 401: "The API key is missing or wrong.", 404: "No such model.",
+            413: "The request body is too large.", 429: "Too many requests are waiting; retry after Retry-After seconds.",
+            503: "The server is shutting down."}
+
+
+class OpenAIErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class OpenAIError(BaseModel):
+    error: OpenAIErrorDetail
+
+
+class OllamaError(BaseModel):
+    error: str
+
+
+def responses(*statuses: int, ollama: bool = False) -> dict:
+    """The OpenAPI description of error responses with `statuses`, in the OpenAI or Ollama shape."""
+    return {status: {"model": OllamaError if ollama else OpenAIError, "description": MEANINGS[status]}
+            for status in statuses}
 
 
 class APIError(Exception):
@@ -53,7 +80,11 @@ def _type_tag(part) -> bool:
                                       or "[" in part or part[:1].isupper())
 
 
-def install(app) -> None:
+def install(app: FastAPI) -> None:
+    """Errors in each API's shape, and an OpenAPI schema that says so: a request that fails
+    validation gets 400, not FastAPI's 422, so 422 is left out of the schema."""
+    app.openapi = lambda: app.openapi_schema or _without_422(FastAPI.openapi(app))
+
     @app.exception_handler(APIError)
     async def _api(request: Request, e: APIError):
         return error_response(request, e)
@@ -64,15 +95,14 @@ def install(app) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, e: RequestValidationError):
-        errors = e.errors()
-        first = errors[0] if errors else {}
+        # the deepest error: of a union's members, the one that got furthest says what is wrong
+        first = max(e.errors(), key=lambda error: len(error.get("loc", ())), default={})
         loc = [str(p) for p in first.get("loc", ()) if p != "body" and not _type_tag(p)]
         param = ".".join(loc) or None
-        if first.get("type") == "json_invalid":
-            message = "the request body is not valid JSON"
-        else:
-            message = f"{param or 'body'}: {first.get('msg', 'invalid value')}"
-        return error_response(request, APIError(400, message, param=param))
+        if first.get("type") == "json_invalid":  # its location is a character offset, not a parameter
+            return error_response(request, APIError(400, "the request body is not valid JSON"))
+        return error_response(request, APIError(400, f"{param or 'body'}: {first.get('msg', 'invalid value')}",
+                                                param=param))
 
     @app.exception_handler(HTTPException)
     async def _http(request: Request, e: HTTPException):
@@ -81,3 +111,12 @@ def install(app) -> None:
     @app.exception_handler(Exception)
     async def _bug(request: Request, e: Exception):
         return error_response(request, APIError(500, f"internal error: {type(e).__name__}"))
+
+
+def _without_422(schema: dict) -> dict:
+    for item in schema["paths"].values():
+        for operation in item.values():
+            operation["responses"].pop("422", None)
+    for name in ("HTTPValidationError", "ValidationError"):
+        schema.get("components", {}).get("schemas", {}).pop(name, None)
+    return schema

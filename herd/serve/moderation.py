@@ -16,7 +16,7 @@ from herd.engine import Engine, Request
 from herd.errors import HerdError
 from herd.generate import SamplingParams
 from herd.serve.bridge import run_requests
-from herd.serve.errors import APIError, from_herd_error
+from herd.serve.errors import APIError, from_herd_error, responses
 from herd.serve.schemas import Body
 from herd.tokenizer.guard import GuardVerdict, LlamaGuard3, parse_guard
 
@@ -102,7 +102,7 @@ def _turns(messages: list[dict]) -> list[dict]:
 def router(moderator: Moderator) -> APIRouter:
     r = APIRouter()
 
-    @r.post("/v1/moderations")
+    @r.post("/v1/moderations", responses=responses(400, 413, 429, 503))
     async def moderations(body: ModerationRequest):
         inputs = [body.input] if isinstance(body.input, str) else body.input
         if not all(isinstance(text, str) and text.strip() for text in inputs):

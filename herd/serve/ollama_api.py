@@ -11,11 +11,17 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 import herd
+from herd.engine import EngineStopped
 from herd.errors import HerdError
-from herd.serve.bridge import run_requests
-from herd.serve.errors import APIError, from_herd_error
+from herd.serve.bridge import run_requests, started
+from herd.serve.errors import APIError, from_herd_error, responses
 from herd.serve.schemas import OllamaChat, OllamaGenerate, OllamaOptions, OllamaShow
 from herd.serve.service import Service, sampling_params
+
+
+# What a generation route answers: JSON, or with "stream": true (the default) lines of JSON; or an error.
+GENERATION = {200: {"content": {"application/x-ndjson": {"schema": {"type": "string"}}}},
+              **responses(400, 404, 413, 429, 503, ollama=True)}
 
 
 def _now() -> str:
@@ -60,11 +66,7 @@ def router(svc: Service) -> APIRouter:
         except HerdError as e:
             raise from_herd_error(e) from None
         start = time.perf_counter_ns()
-        events = run_requests(svc.engine, [request], None if body.stream else http.is_disconnected)
-        try:
-            first = await anext(events)
-        except HerdError as e:
-            raise from_herd_error(e) from None
+        events = await started(run_requests(svc.engine, [request], None if body.stream else http.is_disconnected))
 
         def final(reason: str, n_out: int, text: str) -> dict:
             took = time.perf_counter_ns() - start
@@ -72,40 +74,10 @@ def router(svc: Service) -> APIRouter:
                     "prompt_eval_count": len(ids), "prompt_eval_duration": 0, "eval_count": n_out,
                     "eval_duration": took}
 
-        async def all_events():
-            yield first
-            async for item in events:
-                yield item
-
         if body.stream:
-            async def lines():
-                n_out, held = 0, ""  # with a guard, the reply is held until screened
-                async for _, ev, _ in all_events():
-                    if ev.finish_reason == "error":
-                        yield json.dumps({"error": f"generation failed: {ev.error}"}) + "\n"
-                        return
-                    n_out += len(ev.tokens)
-                    if guard is not None:
-                        held += ev.text
-                    elif ev.text:
-                        yield json.dumps({**shape(ev.text), "done": False}) + "\n"
-                    if ev.finish_reason:
-                        reason = ev.finish_reason
-                        if guard is not None:
-                            try:
-                                flagged = await guard.flags_reply(messages, held)
-                            except APIError as e:
-                                yield json.dumps({"error": e.message}) + "\n"
-                                return
-                            if flagged:
-                                reason = "content_filter"
-                            elif held:
-                                yield json.dumps({**shape(held), "done": False}) + "\n"
-                        yield json.dumps(final(reason, n_out, "")) + "\n"
-
-            return StreamingResponse(lines(), media_type="application/x-ndjson")
+            return StreamingResponse(_lines(events, shape, final, guard, messages), media_type="application/x-ndjson")
         text, n_out, reason = "", 0, "stop"
-        async for _, ev, _ in all_events():
+        async for _, ev, _ in events:
             if ev.finish_reason == "error":
                 raise APIError(500, f"generation failed: {ev.error}")
             text += ev.text
@@ -115,7 +87,7 @@ def router(svc: Service) -> APIRouter:
             text, reason = "", "content_filter"
         return final(reason, n_out, text)
 
-    @r.post("/api/generate")
+    @r.post("/api/generate", responses=GENERATION)
     async def generate(body: OllamaGenerate, http: Request):
         check(body.model)
         if not body.prompt and not body.system:
@@ -133,7 +105,7 @@ def router(svc: Service) -> APIRouter:
         return await respond(ids, body, chat, http,
                              lambda text: {"model": body.model, "created_at": _now(), "response": text}, messages)
 
-    @r.post("/api/chat")
+    @r.post("/api/chat", responses=GENERATION)
     async def chat(body: OllamaChat, http: Request):
         check(body.model)
         if not body.messages:
@@ -152,7 +124,7 @@ def router(svc: Service) -> APIRouter:
         return {"models": [{"name": name, "model": name, "modified_at": _now(), "size": size, "digest": "",
                             "details": details} for name in svc.models]}
 
-    @r.post("/api/show")
+    @r.post("/api/show", responses=responses(400, 404, 413, ollama=True))
     async def show(body: OllamaShow):
         name = body.model or body.name
         if not name:
@@ -172,3 +144,29 @@ def router(svc: Service) -> APIRouter:
         return {"version": herd.__version__}
 
     return r
+
+
+async def _lines(events, shape, final, guard, messages: list[dict]):
+    """A streamed reply's NDJSON lines. A failure, or the server's shutdown, ends the stream with
+    an {"error"} line, which Ollama's clients raise."""
+    n_out, held = 0, ""  # with a guard, the reply is held until screened
+    try:
+        async for _, ev, _ in events:
+            if ev.finish_reason == "error":
+                yield json.dumps({"error": f"generation failed: {ev.error}"}) + "\n"
+                return
+            n_out += len(ev.tokens)
+            if guard is not None:
+                held += ev.text
+            elif ev.text:
+                yield json.dumps({**shape(ev.text), "done": False}) + "\n"
+            if ev.finish_reason:
+                reason = ev.finish_reason
+                if guard is not None:
+                    if await guard.flags_reply(messages, held):
+                        reason = "content_filter"
+                    elif held:
+                        yield json.dumps({**shape(held), "done": False}) + "\n"
+                yield json.dumps(final(reason, n_out, "")) + "\n"
+    except (APIError, EngineStopped) as e:
+        yield json.dumps({"error": str(e)}) + "\n"

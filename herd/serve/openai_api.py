@@ -11,11 +11,11 @@ import uuid
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from herd.engine import Event
+from herd.engine import EngineStopped, Event
 from herd.errors import HerdError
 from herd.serve import tools as toolcalls
-from herd.serve.bridge import run_requests
-from herd.serve.errors import APIError, from_herd_error
+from herd.serve.bridge import run_requests, started
+from herd.serve.errors import APIError, from_herd_error, responses
 from herd.serve.schemas import ChatCompletionRequest, CompletionRequest, ResponseFormat, Sampling
 from herd.serve.service import Service, sampling_params
 
@@ -32,11 +32,7 @@ def json_schema_of(fmt: ResponseFormat | None) -> dict | None:
 
 
 def params_for(body: Sampling, max_tokens: int | None, schema: dict | None, choice: int):
-    logit_bias = {}
-    for key, bias in (body.logit_bias or {}).items():
-        if not key.isdigit():
-            raise APIError(400, f"logit_bias: key {key!r} is not a token id", param="logit_bias")
-        logit_bias[int(key)] = bias
+    logit_bias = {int(key): bias for key, bias in (body.logit_bias or {}).items()}  # keys checked by the schema
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     if len(stop) > 4 or not all(stop):
         raise APIError(400, "stop: at most 4 non-empty strings", param="stop")
@@ -55,6 +51,15 @@ def sse(data) -> str:
     return f"data: {json.dumps(data)}\n\n"
 
 
+def sse_error(message: str, code: str | None = None) -> str:
+    return sse({"error": {"message": message, "type": "server_error", "param": None, "code": code}})
+
+
+# What a generation route answers: JSON, or with "stream": true server-sent events; or an error.
+GENERATION = {200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}},
+              **responses(400, 404, 413, 429, 503)}
+
+
 def router(svc: Service) -> APIRouter:
     r = APIRouter()
 
@@ -65,16 +70,16 @@ def router(svc: Service) -> APIRouter:
     async def list_models():
         return {"object": "list", "data": [model_card(name) for name in svc.models]}
 
-    @r.get("/v1/models/{model_id:path}")
+    @r.get("/v1/models/{model_id:path}", responses=responses(404))
     async def get_model(model_id: str):
         return model_card(svc.check_model(model_id) or svc.name)
 
-    def submit_all(requests, http: Request, stream: bool):
-        return run_requests(svc.engine, requests, None if stream else http.is_disconnected)
+    async def submit_all(requests, http: Request, stream: bool):
+        return await started(run_requests(svc.engine, requests, None if stream else http.is_disconnected))
 
     # ---- chat -------------------------------------------------------------------------------
 
-    @r.post("/v1/chat/completions")
+    @r.post("/v1/chat/completions", responses=GENERATION)
     async def chat_completions(body: ChatCompletionRequest, http: Request):
         adapter = svc.check_model(body.model)
         messages = svc.normalize_messages([m.model_dump(exclude_none=True) for m in body.messages])
@@ -104,16 +109,15 @@ def router(svc: Service) -> APIRouter:
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": adapter or svc.name,
                 "system_fingerprint": "herd"}
-        events = submit_all(requests, http, body.stream)
+        events = await submit_all(requests, http, body.stream)
         if body.stream:
-            first = await _first_or_error(events)
-            return StreamingResponse(_chat_stream(svc, events, first, head, body, calling, len(ids), messages),
+            return StreamingResponse(_until_shutdown(_chat_stream(svc, events, head, body, calling, len(ids), messages)),
                                      media_type="text/event-stream")
         return await _chat_reply(svc, events, head, body, calling, len(ids), messages)
 
     # ---- completions ------------------------------------------------------------------------
 
-    @r.post("/v1/completions")
+    @r.post("/v1/completions", responses=GENERATION)
     async def completions(body: CompletionRequest, http: Request):
         adapter = svc.check_model(body.model)
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
@@ -137,11 +141,10 @@ def router(svc: Service) -> APIRouter:
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "object": "text_completion", "created": created, "model": adapter or svc.name,
                 "system_fingerprint": "herd"}
-        events = submit_all(requests, http, body.stream)
+        events = await submit_all(requests, http, body.stream)
         if body.stream:
-            first = await _first_or_error(events)
             echoes = [prompts[k // body.n] if body.echo else "" for k in range(len(requests))]
-            return StreamingResponse(_completion_stream(svc, events, first, head, body, n_prompt, echoes),
+            return StreamingResponse(_until_shutdown(_completion_stream(svc, events, head, body, n_prompt, echoes)),
                                      media_type="text/event-stream")
         texts, lps, reasons, completion = await _collect(events, len(requests))
         if body.echo:
@@ -160,13 +163,15 @@ def router(svc: Service) -> APIRouter:
     return r
 
 
-async def _first_or_error(events):
-    """The first event, awaited before the response starts, so that a request refused by the
-    engine (queue full, shutting down) still gets its status code."""
+async def _until_shutdown(chunks):
+    """`chunks`, or when the server shuts down mid-stream, those sent so far, an error event
+    saying so and [DONE]: the end of a failed stream that OpenAI's clients understand."""
     try:
-        return await anext(events)
-    except HerdError as e:
-        raise from_herd_error(e) from None
+        async for chunk in chunks:
+            yield chunk
+    except EngineStopped as e:
+        yield sse_error(str(e), "shutting_down")
+        yield "data: [DONE]\n\n"
 
 
 def _raise_engine_error(ev: Event) -> None:
@@ -230,7 +235,7 @@ async def _chat_reply(svc, events, head, body: ChatCompletionRequest, tools, n_p
     return {**head, "object": "chat.completion", "choices": choices, "usage": usage(n_prompt, completion)}
 
 
-async def _chat_stream(svc, events, first, head, body: ChatCompletionRequest, tools, n_prompt, messages):
+async def _chat_stream(svc, events, head, body: ChatCompletionRequest, tools, n_prompt, messages):
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     extra = {"usage": None} if include_usage else {}
     completion = 0
@@ -244,12 +249,9 @@ async def _chat_stream(svc, events, first, head, body: ChatCompletionRequest, to
 
     for i in range(body.n):
         yield chunk(i, {"role": "assistant", "content": ""})
-    pending = [first]
-    async for item in _chain(pending, events):
-        i, ev, _ = item
+    async for i, ev, _ in events:
         if ev.finish_reason == "error":
-            yield sse({"error": {"message": f"generation failed: {ev.error}", "type": "server_error",
-                                 "param": None, "code": None}})
+            yield sse_error(f"generation failed: {ev.error}")
             break
         completion += len(ev.tokens)
         logprobs = _chat_logprobs(svc, ev.logprobs) if body.logprobs and ev.logprobs else None
@@ -262,7 +264,7 @@ async def _chat_stream(svc, events, first, head, body: ChatCompletionRequest, to
             try:
                 flagged = svc.moderator is not None and await svc.moderator.flags_reply(messages, buffered[i])
             except APIError as e:
-                yield sse({"error": {"message": e.message, "type": "server_error", "param": None, "code": e.code}})
+                yield sse_error(e.message, e.code)
                 break
             if flagged:
                 reason = "content_filter"
@@ -280,7 +282,7 @@ async def _chat_stream(svc, events, first, head, body: ChatCompletionRequest, to
     yield "data: [DONE]\n\n"
 
 
-async def _completion_stream(svc, events, first, head, body: CompletionRequest, n_prompt, echoes):
+async def _completion_stream(svc, events, head, body: CompletionRequest, n_prompt, echoes):
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     extra = {"usage": None} if include_usage else {}
     completion = 0
@@ -289,10 +291,9 @@ async def _completion_stream(svc, events, first, head, body: CompletionRequest, 
         if echo:
             yield sse({**head, "choices": [{"index": i, "text": echo, "logprobs": None, "finish_reason": None}],
                        **extra})
-    async for i, ev, _ in _chain([first], events):
+    async for i, ev, _ in events:
         if ev.finish_reason == "error":
-            yield sse({"error": {"message": f"generation failed: {ev.error}", "type": "server_error",
-                                 "param": None, "code": None}})
+            yield sse_error(f"generation failed: {ev.error}")
             break
         completion += len(ev.tokens)
         logprobs = None
@@ -306,9 +307,3 @@ async def _completion_stream(svc, events, first, head, body: CompletionRequest, 
         yield sse({**head, "choices": [], "usage": usage(n_prompt, completion)})
     yield "data: [DONE]\n\n"
 
-
-async def _chain(first: list, rest):
-    for item in first:
-        yield item
-    async for item in rest:
-        yield item

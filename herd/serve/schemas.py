@@ -1,15 +1,45 @@
 """Request bodies of the OpenAI and Ollama routes. Unknown fields are ignored, as OpenAI's own
-server does; ranges follow OpenAI's documentation."""
+server does; ranges follow OpenAI's documentation. Every string in a body, however deep, must be
+Unicode: JSON can carry a lone surrogate ("\\ud800"), which no tokenizer, template or encoder takes.
+And a field's value nests at most MAX_DEPTH lists and objects deep: what reads a JSON schema or a
+tool's parameters recurses once per level."""
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
+
+TOKEN_ID = re.compile(r"[0-9]{1,10}")
+MAX_DEPTH = 32
 
 
 class Body(BaseModel):
     model_config = ConfigDict(extra="ignore")
+
+    @field_validator("*")
+    @classmethod
+    def _checked(cls, value: Any) -> Any:
+        _check(value)
+        return value
+
+
+def _check(value: Any, depth: int = 0) -> None:
+    """Raise when `value` (a field's value: strings, lists and dicts of them; nested bodies check
+    their own fields) holds a surrogate code point or nests deeper than MAX_DEPTH."""
+    if isinstance(value, str):
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            raise PydanticCustomError("unicode", "the text holds a lone surrogate (\\ud800-\\udfff), "
+                                                 "which is not Unicode") from None
+    elif isinstance(value, (list, dict)):
+        if depth == MAX_DEPTH:
+            raise PydanticCustomError("depth", "nested more than {most} lists and objects deep", {"most": MAX_DEPTH})
+        for item in [*value, *value.values()] if isinstance(value, dict) else value:
+            _check(item, depth + 1)
 
 
 class StreamOptions(Body):
@@ -89,6 +119,14 @@ class Sampling(Body):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_ids(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        for key in bias or {}:
+            if not TOKEN_ID.fullmatch(key):
+                raise PydanticCustomError("token_id", "key {key} is not a token id", {"key": repr(key)})
+        return bias
 
 
 class ChatCompletionRequest(Sampling):
