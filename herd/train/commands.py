@@ -173,6 +173,11 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 
 def add_commands(sub) -> None:
     """Register the training subcommands on `herd`'s subparsers."""
+    for add in (_add_train_tokenizer, _add_prepare_data, _add_pretrain, _add_finetune):
+        add(sub)
+
+
+def _add_train_tokenizer(sub) -> None:
     p = sub.add_parser("train-tokenizer", help="train a SentencePiece BPE tokenizer on text files",
                        description="Train a SentencePiece BPE tokenizer (byte fallback, digits split) on text files.")
     p.add_argument("inputs", nargs="+", metavar="FILE")
@@ -181,6 +186,8 @@ def add_commands(sub) -> None:
     p.add_argument("--max-sentences", type=COUNT, default=2_000_000, help="lines sampled for training (default: 2M)")
     p.set_defaults(func=cmd_train_tokenizer)
 
+
+def _add_prepare_data(sub) -> None:
     p = sub.add_parser("prepare-data", help="tokenize text / JSONL into training shards", description=(
         "Tokenize text files (one document each, or split by --separator) or JSONL records (text; messages; "
         "prompt+completion; prompt+chosen+rejected) into memory-mapped token files with a validation split."))
@@ -192,6 +199,8 @@ def add_commands(sub) -> None:
     p.add_argument("--separator", help="string between documents in text files (default: a file is one document)")
     p.set_defaults(func=cmd_prepare_data)
 
+
+def _add_pretrain(sub) -> None:
     p = sub.add_parser("pretrain", help="train a Llama from scratch", description=(
         "Train a Llama from scratch on a corpus made by `herd prepare-data`. Runs on one process, or under "
         "`torchrun --nproc-per-node N -m herd pretrain ...` with --parallel ddp|fsdp."))
@@ -208,6 +217,8 @@ def add_commands(sub) -> None:
     _train_options(p)
     p.set_defaults(func=cmd_pretrain, parser=p)
 
+
+def _add_finetune(sub) -> None:
     p = sub.add_parser("finetune", help="fine-tune a model (SFT or DPO; full, LoRA or QLoRA)", description=(
         "Fine-tune a checkpoint on JSONL records or a prepared corpus: supervised (chat messages or "
         "prompt/completion, loss on the replies) or DPO on prompt/chosen/rejected pairs; LoRA adapters by "

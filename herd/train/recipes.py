@@ -26,7 +26,7 @@ from herd.model import Transformer
 from herd.tokenizer import ChatFormat, Tokenizer, chat_format_for, load_tokenizer
 from herd.train import checkpointing
 from herd.train.config import TrainConfig
-from herd.train.data import Corpus, Packed, Pairs, Windows, load_corpus, open_data, unigram_loss
+from herd.train.data import Corpus, Packed, Pairs, Split, Windows, load_corpus, open_data, unigram_loss
 from herd.train.distributed import Dist, barrier, setup, teardown
 from herd.train.lora import LoraConfig, adapters, add_adapter, load_adapter, merge_adapter, save_adapter
 from herd.train.objectives import DPO, LanguageModeling, WithReference, sequence_logps
@@ -155,26 +155,13 @@ def finetune(base: str | Path, data: str | Path, cfg: TrainConfig, method: str =
     d = setup(cfg.device)
     try:
         path, ckpt, tok, fmt = load_base(base, dtype, cfg.device, tokenizer)
-        corpus = open_data(data, tok, fmt)
-        val_corpus: Corpus | None = open_data(val_data, tok, fmt) if val_data else None
-        val_split = val_corpus.train if val_corpus else corpus.val
-        wanted = ("preference",) if method == "dpo" else ("sft", "text")
-        for c in filter(None, (corpus, val_corpus)):
-            if c.kind not in wanted:
-                raise HerdError(f"{c.path}: holds {c.kind} data, which {method} cannot train on")
+        corpus, val_split = _open_corpora(data, val_data, tok, fmt, method)
         mcfg = ckpt.config
         model = build_model(ckpt, d.device)
         del ckpt
         if lora is not None:
             lora.base_model = lora.base_model or str(base)
-            if qlora:
-                from herd.quant.nf4 import quantize_linears_nf4
-
-                quantize_linears_nf4(model)  # the classifier, tied to the embedding, stays as it is
-                with torch.no_grad():  # own copies of the rest, so the file mapping of the weights is let go
-                    for p in model.parameters():
-                        p.data = p.data.clone()
-            add_adapter(model, lora)
+            _add_lora(model, lora, qlora)
         rows = cfg.batch_size * cfg.grad_accum * d.world
         if method == "sft":
             objective, unit = LanguageModeling(), "tok"
@@ -195,14 +182,44 @@ def finetune(base: str | Path, data: str | Path, cfg: TrainConfig, method: str =
         Trainer(run, cfg, d).fit(resume)
         out = _publish(Path(cfg.out), "adapter" if lora is not None else "model", d)
         if merge and lora is not None:
-            def write_merged(ckpt: Path, directory: Path) -> None:
-                merged = load_merged(path, ckpt / "export", dtype)
-                _save_model(merged.config, tok, tok.eos_ids, directory, merged.state_dict())
-
-            _publish(Path(cfg.out), "model", d, write_merged)
+            _publish_merged(Path(cfg.out), path, tok, dtype, d)
         return out
     finally:
         teardown()
+
+
+def _open_corpora(data: str | Path, val_data: str | Path | None, tok: Tokenizer, fmt: ChatFormat | None,
+                  method: str) -> tuple[Corpus, Split | None]:
+    """The training corpus and the validation split (of `val_data` when given, else the corpus's
+    own), refusing data of a kind `method` cannot train on."""
+    corpus = open_data(data, tok, fmt)
+    val_corpus: Corpus | None = open_data(val_data, tok, fmt) if val_data else None
+    wanted = ("preference",) if method == "dpo" else ("sft", "text")
+    for c in filter(None, (corpus, val_corpus)):
+        if c.kind not in wanted:
+            raise HerdError(f"{c.path}: holds {c.kind} data, which {method} cannot train on")
+    return corpus, val_corpus.train if val_corpus else corpus.val
+
+
+def _add_lora(model: Transformer, lora: LoraConfig, qlora: bool) -> None:
+    """Wrap the model's linears in trainable adapters, over a 4-bit NF4 base with `qlora`."""
+    if qlora:
+        from herd.quant.nf4 import quantize_linears_nf4
+
+        quantize_linears_nf4(model)  # the classifier, tied to the embedding, stays as it is
+        with torch.no_grad():  # own copies of the rest, so the file mapping of the weights is let go
+            for p in model.parameters():
+                p.data = p.data.clone()
+    add_adapter(model, lora)
+
+
+def _publish_merged(run_dir: Path, base: Path, tok: Tokenizer, dtype: str, d: Dist) -> None:
+    """OUT/model: the full-precision base with the newest checkpoint's adapter folded in."""
+    def write_merged(ckpt: Path, directory: Path) -> None:
+        merged = load_merged(base, ckpt / "export", dtype)
+        _save_model(merged.config, tok, tok.eos_ids, directory, merged.state_dict())
+
+    _publish(run_dir, "model", d, write_merged)
 
 
 def _reference(model: nn.Module, lora: bool):

@@ -212,35 +212,14 @@ class Trainer:
         nothing); returns the last log record."""
         cfg, run, d = self.cfg, self.run, self.d
         start, tokens, elapsed = 0, 0, 0.0
-        found = checkpointing.checkpoints(self.out) if resume else []
+        found = self._checkpoint_to_resume(resume)
         if found:
-            state = checkpointing.trainer_state(found[-1])
-            if state.get("data") != run.data:
-                raise HerdError(f"{found[-1]}: was trained on other data ({state.get('data')}), "
-                                f"not {run.data}; resume with the same data")
-            if state["step"] > cfg.steps:
-                raise HerdError(f"{self.out}: already trained to step {state['step']}, past --steps {cfg.steps}; "
-                                f"give --steps {state['step']} or more")
+            path, state = found
             if state["step"] == cfg.steps:  # finished: the caller still publishes its model
                 return {}
-            checkpointing.load(found[-1], run.model, self.optimizer, run.trainable_only, d)
+            checkpointing.load(path, run.model, self.optimizer, run.trainable_only, d)
             start, tokens, elapsed = state["step"], state["units_seen"], state["elapsed"]
-        elif self.out.joinpath("checkpoints").is_dir() and any(self.out.joinpath("checkpoints").iterdir()):
-            if not resume:
-                raise HerdError(f"{self.out}: holds checkpoints of an earlier run; pass --resume to continue "
-                                "it or choose another output directory")
-        log = MetricsLog(self.out / "metrics.jsonl", start if found else None) if d.main else None
-        if d.main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-            if run.extra_log and not found:
-                log.write({"step": 0, **run.extra_log})
-        barrier(d)
-
-        def save(step: int) -> None:
-            checkpointing.save(self.out, step, run.model, self.optimizer,
-                               {"units_seen": tokens, "elapsed": elapsed, "data": run.data},
-                               run.export, run.trainable_only, cfg.keep, d)
+        log = self._start_log(start if found else None)
 
         record: dict = {}
         reset_peak_memory(d.device)
@@ -257,6 +236,7 @@ class Trainer:
             window_time += dt
             done = step + 1
             bar.update(1)
+            record = {}
             if done % cfg.log_every == 0 or done == cfg.steps or done == 1:
                 record = {"step": done, **{k: v for k, v in stats.items() if k != "units"},
                           "units_per_s": window_units / window_time, "units_seen": tokens, "elapsed_s": elapsed,
@@ -264,19 +244,53 @@ class Trainer:
                 window_units, window_time = 0.0, 0.0
                 bar.set_postfix({"loss": f"{stats['loss']:.4f}", "lr": f"{stats['lr']:.2e}",
                                  f"{run.unit}/s": f"{record['units_per_s']:.1f}"})
-            else:
-                record = {}
             if run.val is not None and ((cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps):
-                record = {"step": done, **record, **self.evaluate()}
-                if d.main:
-                    bar.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in record.items()
-                                                          if k.startswith("val_")))
+                record = {"step": done, **record, **self._validate(done, bar)}
             if record and d.main:
                 log.write(record)
             if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps:
-                save(done)
+                checkpointing.save(self.out, done, run.model, self.optimizer,
+                                   {"units_seen": tokens, "elapsed": elapsed, "data": run.data},
+                                   run.export, run.trainable_only, cfg.keep, d)
         bar.close()
         if d.main:
             plot_losses(self.out / "metrics.jsonl", self.out / "loss.png", run.title)
         barrier(d)
         return record
+
+    def _checkpoint_to_resume(self, resume: bool) -> tuple[Path, dict] | None:
+        """The newest checkpoint and its trainer state when `resume` finds one this run can go on
+        from; refuses one of other data or past cfg.steps, and a fresh start over old checkpoints."""
+        found = checkpointing.checkpoints(self.out) if resume else []
+        if not found:
+            old = self.out / "checkpoints"
+            if not resume and old.is_dir() and any(old.iterdir()):
+                raise HerdError(f"{self.out}: holds checkpoints of an earlier run; pass --resume to continue "
+                                "it or choose another output directory")
+            return None
+        state = checkpointing.trainer_state(found[-1])
+        if state.get("data") != self.run.data:
+            raise HerdError(f"{found[-1]}: was trained on other data ({state.get('data')}), "
+                            f"not {self.run.data}; resume with the same data")
+        if state["step"] > self.cfg.steps:
+            raise HerdError(f"{self.out}: already trained to step {state['step']}, past --steps {self.cfg.steps}; "
+                            f"give --steps {state['step']} or more")
+        return found[-1], state
+
+    def _start_log(self, resumed_at: int | None) -> MetricsLog | None:
+        """The metrics log (on the main process; continued from `resumed_at`), beside config.json."""
+        log = MetricsLog(self.out / "metrics.jsonl", resumed_at) if self.d.main else None
+        if self.d.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2) + "\n")
+            if self.run.extra_log and resumed_at is None:
+                log.write({"step": 0, **self.run.extra_log})
+        barrier(self.d)
+        return log
+
+    def _validate(self, done: int, bar: tqdm) -> dict[str, float]:
+        """The validation losses after `done` steps, also written under the progress bar."""
+        losses = self.evaluate()
+        if self.d.main:
+            bar.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in losses.items()))
+        return losses
