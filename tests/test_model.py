@@ -77,3 +77,14 @@ def test_training_loss_fused_with_the_head_matches_cross_entropy_of_the_logits(m
     m.zero_grad()
     m(x, targets=torch.full_like(targets, -100)).backward()  # nothing to learn from: zero gradients
     assert all(not p.grad.any() for p in m.parameters())
+
+
+def test_device_and_dtype_are_where_and_in_what_the_activations_are():
+    """A packed model keeps 16-bit weights but computes in fp32: model.dtype says the latter, and
+    its KV cache follows."""
+    from herd.quant import quantize
+
+    m = quantize(tiny().to(torch.bfloat16), 16)
+    assert m.tok_embeddings.weight.dtype == torch.bfloat16
+    assert (m.device, m.dtype) == (torch.device("cpu"), torch.float32)
+    assert m.new_cache(1, 8).k.dtype == torch.float32

@@ -17,7 +17,7 @@ def token_logprobs(model: Transformer, sequences: list[tuple[list[int], int]],
                    batch_size: int = 8) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """For each (ids, n): the log-probabilities [n] of the last n tokens of ids, each given the
     tokens before it, and whether each was the model's top choice [n]."""
-    device = model.norm.weight.device
+    device = model.device
     out: list = [None] * len(sequences)
     order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i][0]))
     for start in range(0, len(order), batch_size):

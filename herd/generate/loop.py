@@ -16,7 +16,7 @@ def run_batch(model: Transformer, seqs: list[Sequence], prefill_chunk: int = 512
     """Generate all `seqs` together; after each step yield (index, new text) for every sequence
     that advanced. Rows sit at their own positions, so a prompt's output does not depend on the
     other prompts in the batch."""
-    device = model.norm.weight.device
+    device = model.device
     lens = torch.tensor([len(s.prompt_ids) for s in seqs])
     cache = model.new_cache(len(seqs), max(len(s.prompt_ids) + s.limit for s in seqs))
     width = int(lens.max())

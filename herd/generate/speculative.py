@@ -68,7 +68,7 @@ class DraftModel:
                 break
             keep += 1
         keep = min(keep, len(context) - 1)  # always run the last token to get the next distribution
-        device = self.model.norm.weight.device
+        device = self.model.device
         feed = context[keep:]
         tokens, qs = [], []
         for _ in range(k):
@@ -135,7 +135,7 @@ def check(model: Transformer, cache, seq: Sequence, drafts: list[int]) -> torch.
     """Logits [len(drafts) + 1, vocab] of one forward pass over `seq`'s last token and the drafts at
     their positions; `cache` (a KVCache, or the serving engine's rows of one slot) holds the rest."""
     n = len(seq.prompt_ids) + len(seq.output_ids)
-    device = model.norm.weight.device
+    device = model.device
     tokens = torch.tensor([[seq.output_ids[-1], *drafts]], device=device)
     return model(tokens, torch.arange(n - 1, n + len(drafts), device=device).unsqueeze(0), cache)[0]
 
@@ -157,7 +157,7 @@ def speculative_decode(model: Transformer, seq: Sequence, drafter, k: int = 5,
     is prefilled exactly as run_batch prefills it, so the first token is the same too."""
     if k < 1:
         raise HerdError(f"draft length must be at least 1, got {k}")
-    device = model.norm.weight.device
+    device = model.device
     prompt = seq.prompt_ids
     cache = model.new_cache(1, len(prompt) + seq.limit + k + 1)
     for start in range(0, len(prompt), prefill_chunk):
@@ -181,7 +181,7 @@ def make_drafter(llm, draft=None, lookup: bool = False):
     if not hasattr(draft, "model"):
         import herd
 
-        draft = herd.load(draft, device=str(llm.model.norm.weight.device))
+        draft = herd.load(draft, device=str(llm.model.device))
     if draft.config.vocab_size != llm.config.vocab_size or \
             draft.tokenizer.encode("Speculative drafts, 12345!") != llm.tokenizer.encode("Speculative drafts, 12345!"):
         raise HerdError(f"draft model {draft.name or ''} does not share the model's tokenizer")

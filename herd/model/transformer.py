@@ -152,12 +152,21 @@ class Transformer(nn.Module):
         # it returns None when it cannot take a call.
         self.fast_forward = None
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model computes (that of its final norm: packed weights may keep a copy elsewhere)."""
+        return self.norm.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The activation dtype: the final norm's, since embeddings and linears may be packed."""
+        return self.norm.weight.dtype
+
     def new_cache(self, batch_size: int, max_seq_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
         """A zeroed KV cache for `batch_size` sequences of up to `max_seq_len` tokens."""
         cfg = self.config
-        weight = self.norm.weight  # the activation dtype (embeddings may be packed)
         return KVCache(cfg.n_layers, batch_size, cfg.n_kv_heads, max_seq_len or cfg.max_seq_len, cfg.head_dim,
-                       dtype=dtype or weight.dtype, device=weight.device)
+                       dtype=dtype or self.dtype, device=self.device)
 
     def forward(
         self,

@@ -17,7 +17,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from herd.checkpoint import build_model, load_checkpoint, save_hf
 from herd.config import ModelConfig, get_config
@@ -222,11 +221,10 @@ def _publish_merged(run_dir: Path, base: Path, tok: Tokenizer, dtype: str, d: Di
     _publish(run_dir, "model", d, write_merged)
 
 
-def _reference(model: nn.Module, lora: bool):
+def _reference(model: Transformer, lora: bool):
     """Log-probabilities under the model as it is before training (adapters switched off)."""
     def logps(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        device = next(model.parameters()).device
-        batch = {k: v.to(device) for k, v in batch.items()}
+        batch = {k: v.to(model.device) for k, v in batch.items()}
         if not lora:
             return sequence_logps(model, batch).cpu()
         with adapters(model, None):
