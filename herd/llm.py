@@ -71,17 +71,19 @@ class LLM:
         """Every token that ends an assistant reply."""
         return self.eos_ids | self._chat_format().stop_ids(self.tokenizer)
 
+    def sequence(self, ids: list[int], params: SamplingParams, stop_ids: set[int], ctx: int | None = None) -> Sequence:
+        """A sequence of prompt `ids` to generate within `ctx` positions (default: the model's
+        context): max_tokens, or fewer where the context ends first. A prompt that leaves no room
+        is an error, never silently truncated. The serving engine builds its sequences here too."""
+        ctx = ctx or self.config.max_seq_len
+        if len(ids) >= ctx:
+            raise HerdError(f"the prompt is {len(ids)} tokens but the context is {ctx} tokens")
+        return Sequence(ids, params, self.tokenizer, stop_ids, self.config.vocab_size,
+                        limit=min(params.max_tokens, ctx - len(ids)))
+
     def sequences(self, prompts: list[list[int]], params: SamplingParams, stop_ids: set[int]) -> list[Sequence]:
-        """Sequences ready for `run_batch`; a prompt that leaves no room in the context is an error,
-        never silently truncated."""
-        ctx = self.config.max_seq_len
-        seqs = []
-        for ids in prompts:
-            if len(ids) >= ctx:
-                raise HerdError(f"the prompt is {len(ids)} tokens but the model's context is {ctx} tokens")
-            seqs.append(Sequence(ids, params, self.tokenizer, stop_ids, self.config.vocab_size,
-                                 limit=min(params.max_tokens, ctx - len(ids))))
-        return seqs
+        """Sequences ready for `run_batch`, one per prompt (see `sequence`)."""
+        return [self.sequence(ids, params, stop_ids) for ids in prompts]
 
     def generate(self, prompt: str | list[str], **options) -> str | list[str]:
         """Complete `prompt` (or each of a list of prompts, in one batch); options are the

@@ -79,6 +79,16 @@ def test_prompt_longer_than_the_context_is_an_error_not_truncated(stories):
         stories.generate("one two three " * 300, max_tokens=5)
 
 
+def test_a_sequence_is_budgeted_by_the_context_it_is_given(stories):
+    """LLM.sequence builds every sequence (LLM.generate's and the serving engine's alike): the output
+    budget ends where the given context (an engine's slot; by default the model's) does."""
+    params = herd.llm.make_params(dict(max_tokens=100, temperature=0))
+    assert stories.sequence([1] * 10, params, set()).limit == 100
+    assert stories.sequence([1] * 10, params, set(), ctx=64).limit == 54
+    with pytest.raises(HerdError, match="prompt is 64 tokens but the context is 64 tokens"):
+        stories.sequence([1] * 64, params, set(), ctx=64)
+
+
 def test_generation_stops_at_the_end_of_the_context(stories):
     text_ids = stories.encode("Once upon a time " * 100)
     assert len(text_ids) < 512

@@ -126,8 +126,8 @@ class Engine:
                 raise HerdError(f"{name} must be a positive integer, got {value!r}")
         if ctx > cfg.max_seq_len:
             raise HerdError(f"ctx {ctx} is longer than the model's context of {cfg.max_seq_len}")
-        weight = llm.model.norm.weight  # the activation dtype (embeddings may be packed)
-        per_slot = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * ctx * weight.element_size()
+        model = llm.model
+        per_slot = cfg.kv_cache_bytes(ctx, model.dtype.itemsize)
         slots = max_batch if kv_memory is None else min(max_batch, int(kv_memory // per_slot))
         if slots < 1:
             raise HerdError(f"kv_memory of {kv_memory / 2**20:.0f} MiB holds no slot: one slot of {ctx} positions "
@@ -138,7 +138,7 @@ class Engine:
         self.prefill_chunk = prefill_chunk
         self.prefill_budget = prefill_budget
         self.drafter, self.draft_tokens = drafter, draft_tokens
-        self.cache = SlotCache(cfg.n_layers, slots, cfg.n_kv_heads, ctx, cfg.head_dim, weight.dtype, weight.device)
+        self.cache = SlotCache(cfg.n_layers, slots, cfg.n_kv_heads, ctx, cfg.head_dim, model.dtype, model.device)
         self.kv_bytes = per_slot * slots
         self.metrics = EngineMetrics()
         self._slot_prompt: list[list[int]] = [[] for _ in range(slots)]  # tokens whose KV a slot holds
@@ -162,14 +162,7 @@ class Engine:
     def submit(self, request: Request) -> Handle:
         """Queue `request`; raises HerdError for a bad request (prompt too long, bad schema),
         QueueFull when too many wait, EngineStopped during shutdown."""
-        n = len(request.prompt_ids)
-        if n == 0:
-            raise HerdError("the prompt is empty")
-        if n >= self.ctx:
-            raise HerdError(f"the prompt is {n} tokens but the context is {self.ctx} tokens")
-        llm = self.llm
-        seq = Sequence(request.prompt_ids, request.params, llm.tokenizer, request.stop_ids, llm.config.vocab_size,
-                       limit=min(request.params.max_tokens, self.ctx - n))
+        seq = self.llm.sequence(request.prompt_ids, request.params, request.stop_ids, self.ctx)
         handle = Handle(next(self._ids), request, seq, time.perf_counter(), engine=self)
         with self._cond:
             if self._stopping:
