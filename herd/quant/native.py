@@ -1,5 +1,5 @@
-"""herd's C kernels (`kernels.c`): built with the system C compiler on first use, cached, and called
-through ctypes.
+"""herd's C kernels (the sources in `csrc/`, described in `csrc/kernels.h`): built with the system C
+compiler on first use, cached, and called through ctypes.
 
 Building at run time lets `-march=native` pick the CPU's vector instructions and needs nothing but
 a C compiler (the same one torch.compile needs). Without one, `library()` returns None and the
@@ -22,14 +22,14 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("kernels.c")
+SOURCES = Path(__file__).with_name("csrc")
 
 _P, _I, _T = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 FORMAT_CODES = {"f32": 0, "f16": 1, "bf16": 2, "q8": 3, "q4": 4}
 
 
 class Linear(ctypes.Structure):
-    """kernels.c's description of a weight: format, fp16 scales or not, group size, shape, pointers."""
+    """A weight matrix: format, fp16 scales or not, group size, shape, pointers."""
 
     _fields_ = [("fmt", ctypes.c_int), ("s16", ctypes.c_int), ("g", _I), ("N", _I), ("K", _I),
                 ("w", _P), ("s", _P), ("m", _P)]
@@ -60,7 +60,8 @@ _FLAG_SETS = [["-march=native", "-fopenmp"], ["-march=native"], ["-fopenmp"], []
 def _build(cc: str, out: Path, tries: list[list[str]] = _FLAG_SETS) -> str | None:
     """Compile to `out`; the first flag set that works wins (OpenMP and -march=native are optional).
     Returns the compiler's complaint when nothing worked."""
-    base = [cc, "-O3", "-fPIC", "-shared", "-std=c11", "-D_GNU_SOURCE", str(SOURCE), "-lm"]
+    sources = [str(p) for p in sorted(SOURCES.glob("*.c"))]
+    base = [cc, "-O3", "-fPIC", "-shared", "-std=c11", "-D_GNU_SOURCE", "-fvisibility=hidden", *sources, "-lm"]
     error = ""
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         for flags in tries:
@@ -82,7 +83,7 @@ def library() -> ctypes.CDLL | None:
     if cc is None:
         warnings.warn("herd: no C compiler found (set CC); using slower torch code for packed weights", stacklevel=2)
         return None
-    key = hashlib.sha256(SOURCE.read_bytes() + f"{cc}|{platform.machine()}|{platform.node()}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(_source_text() + f"{cc}|{platform.machine()}|{platform.node()}".encode()).hexdigest()[:16]
     path = cache_dir() / f"herd_kernels_{key}{'.dll' if sys.platform == 'win32' else '.so'}"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -91,6 +92,12 @@ def library() -> ctypes.CDLL | None:
             warnings.warn(f"herd: cannot build the C kernels ({error}); using slower torch code", stacklevel=2)
             return None
     return load(path)
+
+
+def _source_text() -> bytes:
+    """Every source file's name and text: what a built library is cached under."""
+    files = sorted(p for p in SOURCES.rglob("*") if p.suffix in (".c", ".h"))
+    return b"".join(str(p.relative_to(SOURCES)).encode() + b"\0" + p.read_bytes() for p in files)
 
 
 def load(path: Path) -> ctypes.CDLL:

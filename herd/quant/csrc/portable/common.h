@@ -1,0 +1,54 @@
+/* The plain C half of common.h: what avx2/common.h does with vector instructions, one number at a
+ * time. */
+#pragma once
+
+INLINE float h2f(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
+    if (exp == 0x1f) bits = sign | 0x7f800000 | (man << 13);
+    else if (exp) bits = sign | ((exp + 112) << 23) | (man << 13);
+    else if (!man) bits = sign;
+    else { /* subnormal */
+        exp = 113;
+        while (!(man & 0x400)) { man <<= 1; exp--; }
+        bits = sign | (exp << 23) | ((man & 0x3ff) << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+INLINE float scale_at(const void *s, int s16, i64 i) {
+    return s16 ? h2f(((const uint16_t *)s)[i]) : ((const float *)s)[i];
+}
+
+/* a weight at p as a float */
+#define LOAD_F32(p) (*(p))
+#define LOAD_F16(p) h2f(*(p))
+#define LOAD_BF16(p) bf2f(*(p))
+
+INLINE float dot(const float *a, const float *b, i64 n) {
+    float total = 0.0f;
+    for (i64 i = 0; i < n; i++) total += a[i] * b[i];
+    return total;
+}
+
+/* comb[b] = s[b / bpg] * xd[b] for the nb blocks of one row and one token */
+INLINE void block_multipliers(const void *s, int s16, i64 bpg, i64 nb, const float *xd, float *comb) {
+    for (i64 gi = 0, b = 0; b < nb; gi++) {
+        float sg = scale_at(s, s16, gi);
+        for (i64 j = 0; j < bpg; j++, b++) comb[b] = sg * xd[b];
+    }
+}
+
+/* sum over i < n of s[i] * v[i] */
+INLINE float scaled_sum(const void *s, int s16, i64 n, const float *v) {
+    float total = 0.0f;
+    for (i64 i = 0; i < n; i++) total += scale_at(s, s16, i) * v[i];
+    return total;
+}
+
+INLINE void cpu_relax(void) {}
+
+INLINE unsigned denormals_off(void) { return 0; }
+
+INLINE void denormals_restore(unsigned csr) { (void)csr; }
