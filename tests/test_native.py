@@ -1,6 +1,7 @@
-"""The C kernels' sources (herd/quant/csrc/): the instruction-set code stays in its own files, and the
-C functions stay short."""
+"""The C binding's contract (herd/quant/csrc/): the library's struct layouts agree with native.py's
+ctypes Structures, the instruction-set code stays in its own files, and the C functions stay short."""
 
+import ctypes
 import re
 import tomllib
 from fnmatch import fnmatch
@@ -10,9 +11,31 @@ import pytest
 
 from herd.quant import native
 
+needs_kernels = pytest.mark.skipif(native.library() is None, reason="no C compiler to build herd's kernels")
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = sorted(p for p in native.SOURCES.rglob("*") if p.suffix in (".c", ".h"))
 MAX_LINES = 80
+
+
+@needs_kernels
+def test_the_library_agrees_with_the_structures():
+    native.check_layout(native.library())  # load() checked it already; here a failure names the field
+
+
+@needs_kernels
+@pytest.mark.parametrize("name, fields, complaint", [
+    ("Step", [(f, ctypes.c_int64 if f == "threads" else t) for f, t in native.Step._fields_], "Step.threads"),
+    ("Step", [native.Step._fields_[0], native.Step._fields_[2], native.Step._fields_[1]] + native.Step._fields_[3:],
+     r"Step\.B: \(offset, size\) \(8, 8\) in C, \(16, 8\) in Python"),
+    ("Linear", native.Linear._fields_[:-1], r"Linear\.m: .* in C, missing in Python"),
+    ("Linear", native.Linear._fields_ + [("extra", ctypes.c_int)], r"Linear\.extra: .*missing in C"),
+    ("Nothing", native.Linear._fields_, "disagree on Nothing"),
+])
+def test_a_structure_that_disagrees_with_the_library_is_refused(name, fields, complaint):
+    """A wider field, two fields swapped, a field missing on either side, a struct C lacks."""
+    wrong = type(name, (ctypes.Structure,), {"_fields_": fields})
+    with pytest.raises(RuntimeError, match=complaint):
+        native.check_layout(native.library(), {name: wrong})
 
 
 def _code(text: str) -> str:

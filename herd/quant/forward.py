@@ -1,5 +1,5 @@
 """The native decode step: `Transformer.forward` for a few tokens with a KV cache, run as one C call
-(`herd_forward` in kernels.c) instead of ~40 torch operations per layer.
+(`herd_forward` in csrc/forward.c) instead of ~40 torch operations per layer.
 
 A decode step of a small model is mostly Python and dispatch overhead (about 0.3 ms per layer
 here), which at 22 layers is as long as streaming the weights of an int4 1B model. Installed on a
@@ -24,22 +24,6 @@ from herd.quant import native
 from herd.quant.linear import PackedLinear
 
 MAX_TOKENS = 16
-_P, _I = ctypes.c_void_p, ctypes.c_int64
-
-
-class _Layer(ctypes.Structure):
-    _fields_ = [("attn_norm", _P), ("ffn_norm", _P)] + [(n, native.Linear) for n in ("wq", "wk", "wv", "wo", "w1", "w2", "w3")]
-
-
-class _Model(ctypes.Structure):
-    _fields_ = [(n, _I) for n in ("dim", "hidden", "n_layers", "n_heads", "n_kv_heads", "head_dim")] + [
-        ("eps", ctypes.c_float), ("layers", _P), ("norm", _P), ("output", native.Linear)]
-
-
-class _Step(ctypes.Structure):
-    _fields_ = [("model", _P), ("B", _I), ("T", _I), ("x", _P), ("pos", _P), ("cos", _P), ("sin", _P), ("rows", _P),
-                ("k_cache", _P), ("v_cache", _P), ("cache_rows", _I), ("cache_len", _I), ("logits_at", _P),
-                ("logits", _P), ("threads", ctypes.c_int)]
 
 
 def _linear(parent: nn.Module, name: str, records: list) -> native.Linear | None:
@@ -62,12 +46,12 @@ def _norm(module: nn.Module, records: list) -> int | None:
     return w.data_ptr() if w.dtype == torch.float32 else None
 
 
-def _describe(model: Transformer) -> tuple[_Model, object, list] | None:
+def _describe(model: Transformer) -> tuple[native.Model, object, list] | None:
     """The model for C (plus what must stay alive with it and the validity records), or None."""
     cfg, records = model.config, [(model._modules, "layers", model.layers)]
     if cfg.moe or cfg.nope_layer_step or cfg.attention_chunk_size or cfg.qk_norm or cfg.attn_temperature:
         return None  # Llama 4's layers: the torch forward
-    layers = (_Layer * cfg.n_layers)()
+    layers = (native.Layer * cfg.n_layers)()
     for i, block in enumerate(model.layers):
         records.append((model.layers._modules, str(i), block))
         for parent, names in ((block.attention, ("wq", "wk", "wv", "wo")), (block.feed_forward, ("w1", "w2", "w3"))):
@@ -87,8 +71,8 @@ def _describe(model: Transformer) -> tuple[_Model, object, list] | None:
     tensors = [o for _, _, o in records if isinstance(o, torch.Tensor)]
     if not all(t.device.type == "cpu" and t.is_contiguous() for t in tensors):
         return None
-    desc = _Model(cfg.dim, cfg.hidden_dim, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.norm_eps,
-                  ctypes.addressof(layers), norm, out)
+    desc = native.Model(cfg.dim, cfg.hidden_dim, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.norm_eps,
+                        ctypes.addressof(layers), norm, out)
     return desc, layers, records
 
 
@@ -101,7 +85,7 @@ class NativeForward:
     def __deepcopy__(self, memo):
         return NativeForward()
 
-    def description(self, model: Transformer) -> _Model | None:
+    def description(self, model: Transformer) -> native.Model | None:
         """The model's description for C, rebuilt whenever a layer or weight has been replaced."""
         d = self._described
         if d is None or (d and not all(where.get(key) is obj for where, key, obj in d[2])):
@@ -132,7 +116,7 @@ class NativeForward:
         x = model.tok_embeddings(tokens[:n]).float().contiguous()
         at = None if logits_at is None else logits_at[:n].to(torch.int64).contiguous()
         logits = torch.empty(n, 1 if at is not None else T, model.config.vocab_size)
-        step = _Step(ctypes.addressof(desc), n, T, x.data_ptr(), pos.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+        step = native.Step(ctypes.addressof(desc), n, T, x.data_ptr(), pos.data_ptr(), cos.data_ptr(), sin.data_ptr(),
                      rows.data_ptr(), store.k.data_ptr(), store.v.data_ptr(), store.batch_size, store.max_seq_len,
                      at.data_ptr() if at is not None else None, logits.data_ptr(), native.threads())
         lib.herd_forward(ctypes.byref(step))

@@ -4,12 +4,16 @@ compiler on first use, cached, and called through ctypes.
 Building at run time lets `-march=native` pick the CPU's vector instructions and needs nothing but
 a C compiler (the same one torch.compile needs). Without one, `library()` returns None and the
 packed layers fall back to plain torch (correct, slower); `HERD_NO_KERNELS=1` forces that.
+
+The structs passed to C are declared here again as ctypes Structures (`STRUCTS`); the library
+reports its own layout of them (`herd_layout`) and `load` refuses a library that disagrees.
 """
 
 from __future__ import annotations
 
 import ctypes
 import hashlib
+import itertools
 import os
 import platform
 import shutil
@@ -35,10 +39,41 @@ class Linear(ctypes.Structure):
                 ("w", _P), ("s", _P), ("m", _P)]
 
 
+class Layer(ctypes.Structure):
+    """A transformer block for herd_forward: its norms' weights and its seven linear layers."""
+
+    _fields_ = [("attn_norm", _P), ("ffn_norm", _P)] + [(n, Linear) for n in ("wq", "wk", "wv", "wo", "w1", "w2", "w3")]
+
+
+class Model(ctypes.Structure):
+    """The model for herd_forward: its shape, its blocks (an array of Layer), final norm and output layer."""
+
+    _fields_ = [(n, _I) for n in ("dim", "hidden", "n_layers", "n_heads", "n_kv_heads", "head_dim")] + [
+        ("eps", ctypes.c_float), ("layers", _P), ("norm", _P), ("output", Linear)]
+
+
+class Step(ctypes.Structure):
+    """One call of herd_forward: the model, the tokens' embeddings and positions, the KV cache, the logits."""
+
+    _fields_ = [("model", _P), ("B", _I), ("T", _I), ("x", _P), ("pos", _P), ("cos", _P), ("sin", _P), ("rows", _P),
+                ("k_cache", _P), ("v_cache", _P), ("cache_rows", _I), ("cache_len", _I), ("logits_at", _P),
+                ("logits", _P), ("threads", ctypes.c_int)]
+
+
+STRUCTS = {cls.__name__: cls for cls in (Linear, Layer, Model, Step)}
+
+
+class _LayoutLine(ctypes.Structure):
+    """One line of `herd_layout`'s table (kernels.h's LayoutLine)."""
+
+    _fields_ = [("type", ctypes.c_char_p), ("field", ctypes.c_char_p), ("offset", _I), ("size", _I)]
+
+
 _SIGNATURES = {
-    "herd_linear": [_P, _P, _I, _P, _T],
-    "herd_matmul": [_P, _P, _I, _P, _T],
-    "herd_forward": [_P],
+    "herd_linear": ([_P, _P, _I, _P, _T], None),
+    "herd_matmul": ([_P, _P, _I, _P, _T], None),
+    "herd_forward": ([_P], None),
+    "herd_layout": ([], ctypes.POINTER(_LayoutLine)),
 }
 
 
@@ -101,12 +136,29 @@ def _source_text() -> bytes:
 
 
 def load(path: Path) -> ctypes.CDLL:
-    """A built kernel library, its entry points typed."""
+    """A built kernel library, its entry points typed and its structs' layout checked."""
     lib = ctypes.CDLL(str(path))
-    for name, argtypes in _SIGNATURES.items():
+    for name, (argtypes, restype) in _SIGNATURES.items():
         fn = getattr(lib, name)
-        fn.argtypes, fn.restype = argtypes, None
+        fn.argtypes, fn.restype = argtypes, restype
+    check_layout(lib)
     return lib
+
+
+def check_layout(lib: ctypes.CDLL, structs: dict[str, type[ctypes.Structure]] = STRUCTS) -> None:
+    """Raise RuntimeError unless C lays out each of `structs` as its ctypes Structure does: the same
+    size, and each field at the same offset with the same size (a mismatch would pass C garbage)."""
+    table = lib.herd_layout()
+    lines = itertools.takewhile(lambda line: line.type is not None, (table[i] for i in itertools.count()))
+    c_side = {(line.type.decode(), line.field and line.field.decode()): (line.offset, line.size) for line in lines}
+    for name, cls in structs.items():
+        py_side = {(name, None): (0, ctypes.sizeof(cls))}
+        py_side |= {(name, f): (getattr(cls, f).offset, getattr(cls, f).size) for f, *_ in cls._fields_}
+        for key in sorted(py_side.keys() | {k for k in c_side if k[0] == name}, key=str):
+            if py_side.get(key) != c_side.get(key):
+                what = ".".join(k for k in key if k)
+                raise RuntimeError(f"herd's C kernels and herd/quant/native.py disagree on {what}: (offset, size) "
+                                   f"{c_side.get(key, 'missing')} in C, {py_side.get(key, 'missing')} in Python")
 
 
 def threads() -> int:

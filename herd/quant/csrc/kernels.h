@@ -23,7 +23,8 @@
  * whatever M is: a token's result does not depend on the other tokens of the call.
  *
  * herd/quant/native.py builds the library at first use with the system C compiler (-O3
- * -march=native) and declares the structs below again as ctypes Structures.
+ * -march=native) and declares the structs below again as ctypes Structures; the library exports
+ * their layout (herd_layout, layout.c) and native.py refuses a library whose layout differs.
  *
  * The files: activations.c (int8 activations), tiles.h (a few weight rows against a few tokens),
  * linear.c (a layer's rows shared between threads; herd_linear), gemm.c (herd_matmul), forward.c
@@ -76,9 +77,18 @@ typedef struct {
     int threads;
 } Step;
 
+/* One line of the layout of the structs above: a struct's size (field NULL), or one field's offset
+   and size. The table ends with a line whose type is NULL. */
+typedef struct {
+    const char *type, *field;
+    i64 offset, size;
+} LayoutLine;
+
 /* y[M, N] = x[M, K] W^T for a few tokens (decode; linear.c) */
 HERD_EXPORT void herd_linear(const Linear *L, const float *x, i64 M, float *y, int threads);
 /* y[M, N] = x[M, K] W^T for many tokens (prefill; gemm.c) */
 HERD_EXPORT void herd_matmul(const Linear *L, const float *x, i64 M, float *y, int threads);
 /* the whole forward pass of a decode step (forward.c) */
 HERD_EXPORT void herd_forward(const Step *st);
+/* the layout of Linear, Layer, Model and Step (layout.c) */
+HERD_EXPORT const LayoutLine *herd_layout(void);
