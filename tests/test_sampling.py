@@ -114,3 +114,23 @@ def test_text_that_may_start_a_stop_is_held_back():
     assert s.feed("W") == ("STOW", False)
     assert s.feed("S") == ("", False)
     assert s.flush() == "S"
+
+
+def test_the_command_line_sampling_flags_are_the_fields_of_sampling_params():
+    """Every SamplingParams field with a flag is one, under its own name and default (a command may
+    only change the temperature's), and reading them needs no torch: `herd --help` stays fast."""
+    import subprocess
+    import sys
+
+    from herd.cli import build_parser, sampling_options
+    from herd.llm import make_params
+
+    parser = build_parser()
+    assert make_params(sampling_options(parser.parse_args(["generate", "x"]))) == SamplingParams()
+    for command, temperature in (("chat", 0.7), ("infill", 0.0)):
+        options = sampling_options(parser.parse_args([command]))
+        assert make_params(options) == SamplingParams(temperature=temperature)
+    options = sampling_options(parser.parse_args(["generate", "-n", "5", "--stop", "a", "--stop", "b", "--seed", "3"]))
+    assert (options["max_tokens"], options["stop"], options["seed"]) == (5, ["a", "b"], 3)
+    code = "import sys, herd.cli; herd.cli.build_parser(); assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)

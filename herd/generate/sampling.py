@@ -1,61 +1,14 @@
-"""Sampling settings and the per-sequence sampler that turns logits into the next token."""
+"""The per-sequence sampler that turns logits into the next token (its settings are
+herd.generate.params.SamplingParams)."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 
 import torch
 
 from herd.errors import HerdError
-
-
-@dataclass
-class SamplingParams:
-    """How one sequence is generated. Temperature 0 means greedy decoding."""
-
-    max_tokens: int = 256
-    temperature: float = 0.8
-    top_k: int = 0  # 0: off
-    top_p: float = 1.0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0  # CTRL-style, over prompt and output; 1: off
-    presence_penalty: float = 0.0  # OpenAI-style, over the output
-    frequency_penalty: float = 0.0
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)  # stop strings, never part of the output
-    stop_token_ids: list[int] = field(default_factory=list)  # in addition to the model's end tokens
-    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
-    json_schema: dict | None = None  # output constrained to JSON matching this schema
-
-    def __post_init__(self) -> None:
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
-        self.stop = list(self.stop or [])
-        self.stop_token_ids = list(self.stop_token_ids or [])
-        self.logit_bias = dict(self.logit_bias or {})
-        checks = [
-            (isinstance(self.max_tokens, int) and self.max_tokens >= 1, f"max_tokens must be a positive integer, got {self.max_tokens!r}"),
-            (_finite(self.temperature) and self.temperature >= 0, f"temperature must be >= 0, got {self.temperature!r}"),
-            (isinstance(self.top_k, int) and self.top_k >= 0, f"top_k must be an integer >= 0, got {self.top_k!r}"),
-            (_finite(self.top_p) and 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p!r}"),
-            (_finite(self.min_p) and 0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p!r}"),
-            (_finite(self.repetition_penalty) and self.repetition_penalty > 0,
-             f"repetition_penalty must be > 0, got {self.repetition_penalty!r}"),
-            (_finite(self.presence_penalty) and -2 <= self.presence_penalty <= 2,
-             f"presence_penalty must be in [-2, 2], got {self.presence_penalty!r}"),
-            (_finite(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2,
-             f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty!r}"),
-            (self.seed is None or isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}"),
-            (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
-            (all(isinstance(t, int) for t in self.stop_token_ids), "stop_token_ids must be integers"),
-            (all(isinstance(t, int) and t >= 0 and _finite(b) and -100 <= b <= 100 for t, b in self.logit_bias.items()),
-             "logit_bias must map token ids >= 0 to biases in [-100, 100]"),
-            (self.json_schema is None or isinstance(self.json_schema, dict), "json_schema must be a dict"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise HerdError(message)
+from herd.generate.params import SamplingParams
 
 
 def draw(probs: torch.Tensor, generator: torch.Generator) -> int:
@@ -65,10 +18,6 @@ def draw(probs: torch.Tensor, generator: torch.Generator) -> int:
     cdf = probs.double().cumsum(0)
     u = torch.rand(1, generator=generator, dtype=torch.float64) * cdf[-1]
     return int(torch.searchsorted(cdf, u, right=True)[0].clamp(max=probs.numel() - 1))
-
-
-def _finite(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 class Sampler:

@@ -6,7 +6,8 @@ import torch
 
 from herd.errors import HerdError
 from herd.generate.constrained import JsonConstraint
-from herd.generate.sampling import Sampler, SamplingParams
+from herd.generate.params import SamplingParams
+from herd.generate.sampling import Sampler
 from herd.generate.stopping import StopStrings
 from herd.tokenizer import StreamDecoder, Tokenizer
 
