@@ -6,21 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from herd.config import AttnTemperature, MoE, ModelConfig, RopeScaling
 from herd.errors import HerdError
 from herd.generate.static import StaticDecoder, bucket_for, greedy
 from herd.model import Transformer
-from helpers import spread_init
-
-CONFIGS = {
-    "llama2": ModelConfig(64, 2, 4, 200, 96, max_seq_len=128),
-    "llama3": ModelConfig(64, 2, 4, 200, 96, n_kv_heads=2, rope_theta=500000.0, tie_embeddings=True,
-                          rope_scaling=RopeScaling(8.0, 1.0, 4.0, 32), max_seq_len=128),
-    # MoE and dense layers, a NoPE layer with temperature tuning, chunks of 8 positions, QK norm
-    "llama4": ModelConfig(64, 4, 4, 200, 96, n_kv_heads=2, moe=MoE(n_experts=4, hidden_dim=48, top_k=1),
-                          nope_layer_step=3, attention_chunk_size=8, qk_norm=True,
-                          attn_temperature=AttnTemperature(floor_scale=4, attn_scale=0.5), max_seq_len=128),
-}
+from helpers import TINY_CONFIGS, spread_init, tiny_config
 
 
 @torch.no_grad()
@@ -32,11 +21,11 @@ def eager_greedy(model: Transformer, prompt: list[int], new_tokens: int) -> list
     return ids[len(prompt):]
 
 
-@pytest.mark.parametrize("family", CONFIGS)
+@pytest.mark.parametrize("family", TINY_CONFIGS)
 @pytest.mark.parametrize("rows", [1, 3])  # 3 rows run in a bucket of 4: one row of padding
 def test_static_greedy_equals_eager(family, rows):
     torch.manual_seed(0)
-    model = spread_init(Transformer(CONFIGS[family])).eval()
+    model = spread_init(Transformer(tiny_config(family))).eval()
     prompts = [torch.randint(0, 200, (n,)).tolist() for n in (5, 11, 2)[:rows]]
     got = greedy(model, prompts, 32)
     assert got == [eager_greedy(model, p, 32) for p in prompts]
@@ -49,7 +38,7 @@ def test_buckets():
 
 
 def test_static_step_keeps_shapes_and_bounds():
-    model = Transformer(CONFIGS["llama2"]).eval()
+    model = Transformer(tiny_config("llama2")).eval()
     decoder = StaticDecoder(model, rows=2, max_seq_len=8)
     with pytest.raises(HerdError, match="leaves no room"):
         decoder.prefill([[1] * 8])
@@ -63,6 +52,6 @@ def test_static_step_keeps_shapes_and_bounds():
 @pytest.mark.slow
 def test_compiled_static_step_on_cpu():
     torch.manual_seed(0)
-    model = spread_init(Transformer(CONFIGS["llama3"])).eval()
+    model = spread_init(Transformer(tiny_config("llama3"))).eval()
     prompts = [[5, 6, 7], [8, 9]]
     assert greedy(model, prompts, 12, compile=True) == [eager_greedy(model, p, 12) for p in prompts]
