@@ -11,10 +11,11 @@ from herd.config import AttnTemperature, ModelConfig, MoE, RopeScaling
 TINY_CONFIGS = {
     # multi-head attention, an untied output layer, plain rotary embeddings
     "llama2": ModelConfig(dim=64, n_layers=2, n_heads=4, vocab_size=200, hidden_dim=96, max_seq_len=128),
-    # grouped-query attention (4 heads on 2), tied embeddings, Llama 3.1 rope scaling from a 32-position context
+    # grouped-query attention (4 heads on 2), tied embeddings, Llama 3.1 rope scaling with frequencies in
+    # each of its bands (kept, smoothed, slowed)
     "llama3": ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=200, hidden_dim=96,
                           max_seq_len=128, rope_theta=500000.0, tie_embeddings=True,
-                          rope_scaling=RopeScaling(8.0, 1.0, 4.0, 32)),
+                          rope_scaling=RopeScaling(8.0, 1.0, 4.0, 128)),
     # 4 mixture-of-experts layers (one routed expert of 4), the third NoPE with temperature tuning, chunked
     # attention (8 positions) and QK norm on the others
     "llama4": ModelConfig(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=200, hidden_dim=96,

@@ -1,14 +1,13 @@
 import torch
 
-from herd.config import ModelConfig, RopeScaling
 from herd.model import Transformer
+from helpers import tiny_config
 
 
-def tiny(**kw) -> Transformer:
+def tiny(tie_embeddings: bool = False) -> Transformer:
+    """Llama 3's features (GQA, rope scaling), untied unless asked, over 97 tokens (the tests below use 97)."""
     torch.manual_seed(0)
-    cfg = ModelConfig(dim=64, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=97, hidden_dim=160, max_seq_len=64,
-                      rope_scaling=RopeScaling(factor=8, original_max_position=16), **kw)
-    return Transformer(cfg).eval()
+    return Transformer(tiny_config("llama3", vocab_size=97, tie_embeddings=tie_embeddings)).eval()
 
 
 @torch.no_grad()
