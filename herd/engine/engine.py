@@ -40,10 +40,10 @@ from dataclasses import dataclass, field
 import torch
 
 from herd.engine.metrics import EngineMetrics
-from herd.engine.slots import SlotCache
 from herd.errors import HerdError
 from herd.generate import SamplingParams, Sequence
 from herd.generate.speculative import check, propose, verified
+from herd.model import SlotCache
 
 ROW_BLOCK = 4
 

@@ -19,7 +19,7 @@ import mmap
 import torch
 from torch import nn
 
-from herd.model import KVCache, Transformer
+from herd.model import KVCache, SlotCache, SlotRows, Transformer
 from herd.quant import native
 from herd.quant.linear import PackedLinear
 
@@ -130,8 +130,6 @@ def _cache_rows(cache, B: int) -> tuple[KVCache, torch.Tensor, int] | None:
     attends its own way."""
     if type(cache) is KVCache:
         return cache, torch.arange(B, dtype=torch.int64), B
-    from herd.engine.slots import SlotCache, SlotRows
-
     if type(cache) is SlotRows and type(cache.cache) is SlotCache:
         return cache.cache, cache.index.to(torch.int64).contiguous(), cache.n_real
     return None
