@@ -14,12 +14,12 @@ import time
 import pytest
 import torch
 
-from herd.config import ModelConfig
 from herd.errors import HerdError
 from herd.generate import SamplingParams, Sequence
 from herd.llm import LLM
 from herd.model import Transformer
 from herd.tokenizer import JinjaChat, sandbox
+from helpers import tiny_config
 
 MESSAGES = [{"role": "user", "content": "Hello!"}]
 NESTED_LOOPS = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
@@ -180,7 +180,7 @@ def test_generation_refuses_an_empty_prompt(llama3):
     """Every way into generation: chat and stream_chat (through the template), and token ids
     given directly to LLM.sequences, which generate, infill and moderate go through."""
     torch.manual_seed(0)
-    cfg = ModelConfig(dim=32, n_layers=1, n_heads=2, vocab_size=llama3.vocab_size, hidden_dim=64, max_seq_len=64)
+    cfg = tiny_config("llama3", vocab_size=llama3.vocab_size)
     llm = LLM(Transformer(cfg).eval(), llama3, JinjaChat(EMPTY))
     with pytest.raises(HerdError, match="empty prompt"):
         llm.chat(MESSAGES, max_tokens=2)
