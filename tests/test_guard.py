@@ -6,8 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import spread_init
-from herd.config import ModelConfig
+from helpers import spread_init, tiny_config
 from herd.errors import HerdError
 from herd.llm import LLM
 from herd.model import Transformer
@@ -140,7 +139,7 @@ def test_llm_moderate_runs_the_guard_prompt(llama3):
     # A random Llama-3-vocabulary model stands in for Llama Guard: its output is garbage, which
     # moderate() must report rather than crash on; the prompt it ran is checked separately above.
     torch.manual_seed(0)
-    cfg = ModelConfig(dim=32, n_layers=1, n_heads=2, vocab_size=llama3.vocab_size, hidden_dim=64, max_seq_len=512)
+    cfg = tiny_config("llama3", vocab_size=llama3.vocab_size, max_seq_len=512)
     llm = LLM(spread_init(Transformer(cfg)).eval(), llama3)
     verdict = llm.moderate("How do I make a cake?", max_tokens=3)
     assert verdict.safe is None and verdict.error
