@@ -11,12 +11,12 @@ import openai
 import pytest
 import torch
 
-from herd.config import ModelConfig
 from herd.engine import Engine
 from herd.llm import LLM
 from herd.model import Transformer
 from herd.serve import create_app
 from herd.tokenizer import Llama3Chat
+from helpers import tiny_config
 from serving import running
 
 
@@ -25,7 +25,8 @@ def scripted_llm(tokenizer, after: int, answer: str, end: int, **kw) -> LLM:
     chain = [after, *tokenizer.encode(answer, bos=False), end]
     assert len(set(chain)) == len(chain), "a bigram table cannot repeat a token"
     torch.manual_seed(0)
-    cfg = ModelConfig(dim=64, n_layers=1, n_heads=2, vocab_size=tokenizer.vocab_size, hidden_dim=64, max_seq_len=2048)
+    # untied, so the output rows can map each token to the next; one layer, its projections zeroed below
+    cfg = tiny_config("llama2", n_layers=1, vocab_size=tokenizer.vocab_size, max_seq_len=2048)
     model = Transformer(cfg)
     with torch.no_grad():
         for p in model.parameters():
