@@ -9,9 +9,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import spread_init
+from helpers import spread_init, tiny_config
 
-from herd.config import ModelConfig
 from herd.errors import HerdError
 from herd.model import Transformer
 from herd.tokenizer import JinjaChat, Llama2Chat, load_tokenizer
@@ -172,8 +171,7 @@ def test_packed_documents_do_not_see_each_other(story_tok, tmp_path):
     records = [{"text": t} for t in ("The cat sat.", "A big dog ran to the park.", "Sun!")]
     corpus = open_data(write_jsonl(tmp_path / "t.jsonl", records), story_tok, None)
     torch.manual_seed(0)
-    model = spread_init(Transformer(ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512,
-                                                hidden_dim=64, max_seq_len=64))).eval()
+    model = spread_init(Transformer(tiny_config("llama3", vocab_size=story_tok.vocab_size))).eval()
     packed = Packed(corpus.train, 40, 1, seed=0)
     (row,) = packed.eval_examples(1)
     assert len(row) == 3
