@@ -8,10 +8,9 @@ import subprocess
 import pytest
 import torch
 from conftest import require_shared
-from helpers import spread_init
+from helpers import spread_init, tiny_config
 
 from herd.checkpoint import build_model, convert, load_checkpoint, read_gguf_metadata, save_hf
-from herd.config import ModelConfig, RopeScaling
 from herd.errors import HerdError
 from herd.model import Transformer
 from herd.quant import quantize
@@ -51,8 +50,7 @@ def test_float_round_trips(tmp_path, stories):
 @torch.inference_mode()
 def test_rope_scaling_and_untied_output(tmp_path):
     torch.manual_seed(0)
-    cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, hidden_dim=128, max_seq_len=256,
-                      rope_theta=5e5, rope_scaling=RopeScaling(factor=8.0, original_max_position=64))
+    cfg = tiny_config("llama3", tie_embeddings=False, vocab_size=512)
     model = spread_init(Transformer(cfg)).eval()
     save_hf(cfg, model.state_dict(), tmp_path / "hf")
     loaded, ckpt = load_gguf_packed(convert(tmp_path / "hf", tmp_path / "m.gguf", "gguf", gguf_type="f32"))
