@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from herd.checkpoint.peft import load_adapters
 from herd.config import ModelConfig
 from herd.errors import HerdError
 from herd.generate import SamplingParams, Sequence, run_batch
@@ -36,8 +37,6 @@ class LLM:
     def load_adapters(self, paths: dict[str, str | Path]) -> None:
         """Load PEFT LoRA adapters (name -> directory) onto the model; none applies until a
         request names one (`Request.adapter` of the serving engine)."""
-        from herd.train.lora import load_adapters
-
         load_adapters(self.model, paths)
         self.adapters += list(paths)
 

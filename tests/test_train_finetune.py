@@ -12,8 +12,9 @@ import pytest
 import torch
 
 import herd
+from herd.checkpoint.peft import load_adapter
+from herd.model.lora import adapters
 from herd.train.data import Pairs, open_data
-from herd.train.lora import adapters, load_adapter
 from herd.train.objectives import sequence_logps
 
 QUESTIONS = ["What is the name of the herd project's mascot?", "Who is the mascot of herd?",

@@ -14,12 +14,12 @@ import torch
 from helpers import spread_init
 
 from herd.checkpoint import save_hf
+from herd.checkpoint.peft import load_adapter, load_adapters, save_adapter
 from herd.config import ModelConfig
 from herd.errors import HerdError
 from herd.model import Transformer
+from herd.model.lora import LoraConfig, adapters, add_adapter, merge_adapter, set_adapters
 from herd.quant.nf4 import NF4_LEVELS, NF4Linear, dequantize_nf4, quantize_linears_nf4, quantize_nf4
-from herd.train.lora import (LoraConfig, adapters, add_adapter, load_adapter, load_adapters, merge_adapter,
-                             save_adapter, set_adapters)
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models
@@ -209,7 +209,7 @@ def test_bad_adapters_are_one_line_errors(tmp_path):
 MEMORY_RUN = """
 import json, sys, torch
 from herd.train.config import TrainConfig
-from herd.train.lora import LoraConfig
+from herd.model.lora import LoraConfig
 from herd.train.recipes import finetune
 base, data, out, mode, steps = sys.argv[1:]
 cfg = TrainConfig(out=out, steps=int(steps), batch_size=1, seq_len=8, lr=1e-2, min_lr=1e-2, log_every=1, progress=False)

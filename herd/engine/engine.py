@@ -44,6 +44,7 @@ from herd.errors import HerdError
 from herd.generate import SamplingParams, Sequence
 from herd.generate.speculative import check, propose, verified
 from herd.model import SlotCache
+from herd.model.lora import set_adapters
 
 ROW_BLOCK = 4
 
@@ -83,7 +84,7 @@ class Request:
     stop_ids: set[int]
     on_event: Callable[[Event], None]  # called from the engine thread; must not block
     logprobs: int | None = None  # None: none; 0: the sampled token's; k: and the k likeliest
-    adapter: str | None = None  # the LoRA adapter (herd.train.lora) to decode with; None: the base model
+    adapter: str | None = None  # the LoRA adapter (herd.model.lora) to decode with; None: the base model
 
 
 @dataclass(eq=False)
@@ -316,8 +317,6 @@ class Engine:
         """Each row of the next forward pass decodes with its request's adapter (when the model
         has adapters loaded: `herd serve --lora`)."""
         if self.llm.adapters:
-            from herd.train.lora import set_adapters
-
             set_adapters(self.llm.model, [h.request.adapter for h in rows])
 
     def _sample(self, h: Handle, logits: torch.Tensor) -> None:

@@ -153,7 +153,7 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
-    from herd.train.lora import ALL_LINEAR, LoraConfig
+    from herd.model.lora import ALL_LINEAR, LoraConfig
     from herd.train.recipes import finetune
 
     opts = _merge(args, args.parser, {**_DEFAULTS, **_FINETUNE_DEFAULTS})

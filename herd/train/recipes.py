@@ -19,15 +19,16 @@ from pathlib import Path
 import torch
 
 from herd.checkpoint import build_model, load_checkpoint, save_hf
+from herd.checkpoint.peft import load_adapter, save_adapter
 from herd.config import ModelConfig, get_config
 from herd.errors import HerdError
 from herd.model import Transformer
+from herd.model.lora import LoraConfig, adapters, add_adapter, merge_adapter
 from herd.tokenizer import ChatFormat, Tokenizer, chat_format_for, load_tokenizer
 from herd.train import checkpointing
 from herd.train.config import TrainConfig
 from herd.train.data import Corpus, Packed, Pairs, Split, Windows, load_corpus, open_data, unigram_loss
 from herd.train.distributed import Dist, barrier, setup, teardown
-from herd.train.lora import LoraConfig, adapters, add_adapter, load_adapter, merge_adapter, save_adapter
 from herd.train.objectives import DPO, LanguageModeling, WithReference, sequence_logps
 from herd.train.trainer import Run, Trainer
 
