@@ -18,9 +18,15 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
+from herd import __version__
 from herd.engine import Engine
 from herd.errors import HerdError
-from herd.serve import errors, moderation, ollama_api, openai_api
+from herd.generate.speculative import make_drafter
+from herd.serve.errors import error_body, install, responses
+from herd.serve.moderation import Moderator
+from herd.serve.moderation import router as moderation_routes
+from herd.serve.ollama_api import router as ollama_routes
+from herd.serve.openai_api import router as openai_routes
 from herd.serve.service import Service
 
 OPEN_PATHS = {"/", "/health", "/favicon.ico", "/openapi.json", "/docs", "/redoc"}
@@ -39,7 +45,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, name: str | None =
     (without one, /v1/moderations asks the served model, which must then be a guard model).
     On shutdown the engines are stopped (requests still running are cancelled)."""
     svc = Service(engine, name)
-    moderator = moderation.Moderator(guard or engine, (guard.llm.name or "guard") if guard else svc.name)
+    moderator = Moderator(guard or engine, (guard.llm.name or "guard") if guard else svc.name)
     svc.moderator = moderator if guard is not None else None
 
     @asynccontextmanager
@@ -49,9 +55,9 @@ def create_app(engine: Engine, *, api_key: str | None = None, name: str | None =
         if guard is not None:
             guard.stop()
 
-    app = FastAPI(title="herd", version=_version(), lifespan=lifespan)
-    app.state.service = svc
-    errors.install(app)
+    app = FastAPI(title="herd", version=__version__, lifespan=lifespan)
+    app.state.service, app.state.moderator = svc, moderator  # the routes' dependencies read them
+    install(app)
     key = api_key.encode() if api_key else None
 
     @app.middleware("http")
@@ -61,18 +67,18 @@ def create_app(engine: Engine, *, api_key: str | None = None, name: str | None =
             given = request.headers.get("authorization", "")
             token = given[7:] if given.lower().startswith("bearer ") else ""
             if not hmac.compare_digest(token.encode(), key):
-                return JSONResponse(errors.error_body(path, 401, "invalid or missing API key", code="invalid_api_key"),
+                return JSONResponse(error_body(path, 401, "invalid or missing API key", code="invalid_api_key"),
                                     401, headers={"WWW-Authenticate": "Bearer"})
         return await call_next(request)
 
     app.add_middleware(BodyLimit, limit=max_body)
 
     def auth(ollama: bool = False) -> dict | None:
-        return errors.responses(401, ollama=ollama) if key is not None else None
+        return responses(401, ollama=ollama) if key is not None else None
 
-    app.include_router(openai_api.router(svc), responses=auth())
-    app.include_router(ollama_api.router(svc), responses=auth(ollama=True))
-    app.include_router(moderation.router(moderator), responses=auth())
+    app.include_router(openai_routes, responses=auth())
+    app.include_router(ollama_routes, responses=auth(ollama=True))
+    app.include_router(moderation_routes, responses=auth())
 
     @app.get("/health")
     async def health():
@@ -105,7 +111,7 @@ class BodyLimit:
         length = headers.get(b"content-length", b"0")
         if not length.isdigit() or int(length) > self.limit:
             path = scope["path"]
-            response = JSONResponse(errors.error_body(path, 413, f"the request body exceeds {self.limit} bytes"), 413)
+            response = JSONResponse(error_body(path, 413, f"the request body exceeds {self.limit} bytes"), 413)
             return await response(scope, receive, send)
         if scope["method"] == "POST" and b"json" not in headers.get(b"content-type", b""):
             scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k != b"content-type"]
@@ -125,8 +131,8 @@ class BodyLimit:
             if not too_large:
                 return await send(message)
             if message["type"] == "http.response.start":
-                response = JSONResponse(errors.error_body(scope["path"], 413,
-                                                          f"the request body exceeds {self.limit} bytes"), 413)
+                response = JSONResponse(error_body(scope["path"], 413, f"the request body exceeds {self.limit} bytes"),
+                                        413)
                 await response(scope, receive, send)
 
         await self.app(scope, limited, checked_send)
@@ -142,8 +148,6 @@ def serve(llm, *, host: str = "127.0.0.1", port: int = 8000, sock: socket.socket
     and what still streams ends with an error event. `guard`: an LLM (Llama Guard 3) that screens
     requests and replies. `draft` (a smaller model with the same tokenizer: an LLM or what
     herd.load takes) or `lookup`: decode speculatively, `draft_tokens` per step (see herd.engine)."""
-    from herd.generate.speculative import make_drafter
-
     sock = sock or listen(host, port)
     # uvicorn re-raises SIGTERM once it has drained; exit with status 0 then, not "killed by a signal".
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
@@ -219,9 +223,3 @@ def api_key_from(key: str | None, key_file: str | None) -> str | None:
     if not re.fullmatch(r"[!-~]+", key):
         raise HerdError(f"{where}: a key is printable ASCII without spaces (clients send it in an HTTP header)")
     return key
-
-
-def _version() -> str:
-    from herd import __version__
-
-    return __version__

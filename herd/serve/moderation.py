@@ -8,11 +8,14 @@ the chat model's queue and a guard verdict is greedy and exact, as Meta runs it.
 from __future__ import annotations
 
 import uuid
+from collections.abc import AsyncIterator
+from typing import Annotated
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends
+from fastapi import Request as HTTPRequest
 from pydantic import Field
 
-from herd.engine import Engine, Request
+from herd.engine import Engine, Event, Request
 from herd.errors import HerdError
 from herd.generate import SamplingParams
 from herd.serve.bridge import run_requests
@@ -99,25 +102,49 @@ def _turns(messages: list[dict]) -> list[dict]:
     return turns
 
 
-def router(moderator: Moderator) -> APIRouter:
-    r = APIRouter()
+async def screened(events: AsyncIterator, guard: Moderator | None, conversations: list[list[dict]],
+                   hold: bool = False) -> AsyncIterator[tuple[int, Event, str, str | None]]:
+    """The choices' replies as a client may see them: (choice, event, text, finish reason) for each
+    of `events` (from bridge.run_requests). With a guard, or `hold` (a tool call is known only
+    once the reply ends), a choice's text is held back and comes whole with its finish reason;
+    the guard judges it first as the answer to `conversations[choice]`, and a reply it flags
+    comes as "" with finish reason "content_filter". A failed generation raises a 500."""
+    hold = hold or guard is not None
+    held: dict[int, str] = {}
+    async for i, ev, _ in events:
+        if ev.finish_reason == "error":
+            raise APIError(500, f"generation failed: {ev.error}")
+        text, reason = ev.text, ev.finish_reason
+        if hold:
+            held[i] = held.get(i, "") + text
+            text = held.pop(i) if reason else ""
+        if reason and guard is not None and await guard.flags_reply(conversations[i], text):
+            text, reason = "", "content_filter"
+        yield i, ev, text, reason
 
-    @r.post("/v1/moderations", responses=responses(400, 413, 429, 503))
-    async def moderations(body: ModerationRequest):
-        inputs = [body.input] if isinstance(body.input, str) else body.input
-        if not all(isinstance(text, str) and text.strip() for text in inputs):
-            raise APIError(400, "input: every text must be a non-empty string", param="input")
-        results = []
-        for text in inputs:
-            verdict = await moderator.verdict([{"role": "user", "content": text}])
-            if verdict.safe is None:
-                raise APIError(400, f"{moderator.name} gave no verdict ({verdict.error}): moderation needs a "
-                                    "Llama Guard 3 model (serve one, or give --guard MODEL)", param="model")
-            flagged = set(verdict.categories)
-            categories = {name: bool(flagged & set(codes)) for name, codes in OPENAI_CATEGORIES.items()}
-            categories |= {code: code in flagged for code in moderator.guard.categories}
-            results.append({"flagged": verdict.flagged, "categories": categories,
-                            "category_scores": {k: float(v) for k, v in categories.items()}})
-        return {"id": f"modr-{uuid.uuid4().hex}", "model": moderator.name, "results": results}
 
-    return r
+def current(http: HTTPRequest) -> Moderator:
+    """The Moderator of the app answering `http`: the guard's, or the served model's."""
+    return http.app.state.moderator
+
+
+router = APIRouter()
+
+
+@router.post("/v1/moderations", responses=responses(400, 413, 429, 503))
+async def moderations(body: ModerationRequest, moderator: Annotated[Moderator, Depends(current)]):
+    inputs = [body.input] if isinstance(body.input, str) else body.input
+    if not all(isinstance(text, str) and text.strip() for text in inputs):
+        raise APIError(400, "input: every text must be a non-empty string", param="input")
+    results = []
+    for text in inputs:
+        verdict = await moderator.verdict([{"role": "user", "content": text}])
+        if verdict.safe is None:
+            raise APIError(400, f"{moderator.name} gave no verdict ({verdict.error}): moderation needs a "
+                                "Llama Guard 3 model (serve one, or give --guard MODEL)", param="model")
+        flagged = set(verdict.categories)
+        categories = {name: bool(flagged & set(codes)) for name, codes in OPENAI_CATEGORIES.items()}
+        categories |= {code: code in flagged for code in moderator.guard.categories}
+        results.append({"flagged": verdict.flagged, "categories": categories,
+                        "category_scores": {k: float(v) for k, v in categories.items()}})
+    return {"id": f"modr-{uuid.uuid4().hex}", "model": moderator.name, "results": results}

@@ -11,13 +11,13 @@ import uuid
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from herd.engine import EngineStopped, Event
+from herd.engine import EngineStopped
 from herd.errors import HerdError
-from herd.serve import tools as toolcalls
-from herd.serve.bridge import run_requests, started
 from herd.serve.errors import APIError, from_herd_error, responses
+from herd.serve.moderation import screened
 from herd.serve.schemas import ChatCompletionRequest, CompletionRequest, ResponseFormat, Sampling
-from herd.serve.service import Service, sampling_params
+from herd.serve.service import Service, ServiceDep, sampling_params
+from herd.serve.tools import call_schema, read_reply
 
 
 def json_schema_of(fmt: ResponseFormat | None) -> dict | None:
@@ -60,107 +60,101 @@ GENERATION = {200: {"content": {"text/event-stream": {"schema": {"type": "string
               **responses(400, 404, 413, 429, 503)}
 
 
-def router(svc: Service) -> APIRouter:
-    r = APIRouter()
+router = APIRouter()
 
-    def model_card(name: str) -> dict:
-        return {"id": name, "object": "model", "created": svc.created, "owned_by": "herd"}
 
-    @r.get("/v1/models")
-    async def list_models():
-        return {"object": "list", "data": [model_card(name) for name in svc.models]}
+def _model_card(svc: Service, name: str) -> dict:
+    return {"id": name, "object": "model", "created": svc.created, "owned_by": "herd"}
 
-    @r.get("/v1/models/{model_id:path}", responses=responses(404))
-    async def get_model(model_id: str):
-        return model_card(svc.check_model(model_id) or svc.name)
 
-    async def submit_all(requests, http: Request, stream: bool):
-        return await started(run_requests(svc.engine, requests, None if stream else http.is_disconnected))
+@router.get("/v1/models")
+async def list_models(svc: ServiceDep):
+    return {"object": "list", "data": [_model_card(svc, name) for name in svc.models]}
 
-    # ---- chat -------------------------------------------------------------------------------
 
-    @r.post("/v1/chat/completions", responses=GENERATION)
-    async def chat_completions(body: ChatCompletionRequest, http: Request):
-        adapter = svc.check_model(body.model)
-        messages = svc.normalize_messages([m.model_dump(exclude_none=True) for m in body.messages])
-        functions = [t.function.model_dump(exclude_none=True) for t in body.tools or []]
-        choice = body.tool_choice or ("auto" if functions else "none")
-        schema = json_schema_of(body.response_format)
-        if choice != "none" and not functions:
-            raise APIError(400, "tool_choice needs tools", param="tool_choice")
-        called = functions
-        if not isinstance(choice, str):
-            called = [f for f in functions if f["name"] == choice.function.name]
-            if not called:
-                raise APIError(400, f"tool_choice names {choice.function.name!r}, which is not in tools",
-                               param="tool_choice")
-        if choice not in ("none", "auto"):
-            schema = toolcalls.call_schema(called)
-        calling = called if choice != "none" else []
-        if svc.moderator is not None:
-            await svc.moderator.screen(messages)
-        try:
-            ids = svc.chat_ids(messages, [{"type": "function", "function": f} for f in functions] or None)
-            logprobs = (body.top_logprobs or 0) if body.logprobs else None
-            requests = [svc.request(ids, params_for(body, body.max_completion_tokens or body.max_tokens, schema, i),
-                                    chat=True, logprobs=logprobs, adapter=adapter) for i in range(body.n)]
-        except HerdError as e:
-            raise from_herd_error(e) from None
-        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": adapter or svc.name,
-                "system_fingerprint": "herd"}
-        events = await submit_all(requests, http, body.stream)
-        if body.stream:
-            return StreamingResponse(_until_shutdown(_chat_stream(svc, events, head, body, calling, len(ids), messages)),
-                                     media_type="text/event-stream")
-        return await _chat_reply(svc, events, head, body, calling, len(ids), messages)
+@router.get("/v1/models/{model_id:path}", responses=responses(404))
+async def get_model(model_id: str, svc: ServiceDep):
+    return _model_card(svc, svc.check_model(model_id) or svc.name)
 
-    # ---- completions ------------------------------------------------------------------------
 
-    @r.post("/v1/completions", responses=GENERATION)
-    async def completions(body: CompletionRequest, http: Request):
-        adapter = svc.check_model(body.model)
-        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        schema = json_schema_of(body.response_format)
-        if svc.moderator is not None:
-            for p in prompts:
-                await svc.moderator.screen([{"role": "user", "content": p}])
-        try:
-            if body.suffix is not None:  # Code Llama infilling: the model writes what goes between
-                encoded = [svc.llm.encode_infill(p, body.suffix) for p in prompts]
-                stop = svc.llm.infill_stop_ids()
-            else:
-                encoded = [svc.llm.encode(p) for p in prompts]
-                stop = None
-            requests = [svc.request(ids, params_for(body, body.max_tokens, schema, i), chat=False, logprobs=body.logprobs,
-                                    stop_ids=stop, adapter=adapter)
-                        for ids in encoded for i in range(body.n)]
-        except HerdError as e:
-            raise from_herd_error(e) from None
-        n_prompt = sum(len(ids) for ids in encoded)
-        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        head = {"id": rid, "object": "text_completion", "created": created, "model": adapter or svc.name,
-                "system_fingerprint": "herd"}
-        events = await submit_all(requests, http, body.stream)
-        if body.stream:
-            echoes = [prompts[k // body.n] if body.echo else "" for k in range(len(requests))]
-            return StreamingResponse(_until_shutdown(_completion_stream(svc, events, head, body, n_prompt, echoes)),
-                                     media_type="text/event-stream")
-        texts, lps, reasons, completion = await _collect(events, len(requests))
-        if body.echo:
-            texts = [prompts[k // body.n] + text for k, text in enumerate(texts)]
-        if svc.moderator is not None:
-            for i in range(len(requests)):
-                prompt = prompts[i // body.n]
-                if await svc.moderator.flags_reply([{"role": "user", "content": prompt}], texts[i][len(prompt) if body.echo else 0:]):
-                    texts[i], reasons[i], lps[i] = "", "content_filter", []
-        choices = [{"index": i, "text": texts[i], "finish_reason": reasons[i],
-                    "logprobs": _completion_logprobs(svc, lps[i], len(prompts[i // body.n]) if body.echo else 0)
-                    if body.logprobs is not None else None}
-                   for i in range(len(requests))]
-        return {**head, "choices": choices, "usage": usage(n_prompt, completion)}
+def _head(svc: Service, adapter: str | None, id_prefix: str, kind: str) -> dict:
+    """The fields every object of a reply (or chunk of a stream) starts with."""
+    return {"id": f"{id_prefix}-{uuid.uuid4().hex}", "object": kind, "created": int(time.time()),
+            "model": adapter or svc.name, "system_fingerprint": "herd"}
 
-    return r
+
+def _tool_use(body: ChatCompletionRequest) -> tuple[list[dict], list[dict], dict | None]:
+    """From a chat request's tools and tool_choice: the functions offered, those the reply may
+    call, and the JSON schema its reply must match (a call, when one is required)."""
+    functions = [t.function.model_dump(exclude_none=True) for t in body.tools or []]
+    choice = body.tool_choice or ("auto" if functions else "none")
+    schema = json_schema_of(body.response_format)
+    if choice != "none" and not functions:
+        raise APIError(400, "tool_choice needs tools", param="tool_choice")
+    called = functions
+    if not isinstance(choice, str):
+        called = [f for f in functions if f["name"] == choice.function.name]
+        if not called:
+            raise APIError(400, f"tool_choice names {choice.function.name!r}, which is not in tools",
+                           param="tool_choice")
+    if choice not in ("none", "auto"):
+        schema = call_schema(called)
+    return functions, called if choice != "none" else [], schema
+
+
+@router.post("/v1/chat/completions", responses=GENERATION)
+async def chat_completions(body: ChatCompletionRequest, http: Request, svc: ServiceDep):
+    adapter = svc.check_model(body.model)
+    messages = svc.normalize_messages([m.model_dump(exclude_none=True) for m in body.messages])
+    functions, calling, schema = _tool_use(body)
+    if svc.moderator is not None:
+        await svc.moderator.screen(messages)
+    try:
+        ids = svc.chat_ids(messages, [{"type": "function", "function": f} for f in functions] or None)
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        requests = [svc.request(ids, params_for(body, body.max_completion_tokens or body.max_tokens, schema, i),
+                                chat=True, logprobs=logprobs, adapter=adapter) for i in range(body.n)]
+    except HerdError as e:
+        raise from_herd_error(e) from None
+    head = _head(svc, adapter, "chatcmpl", "chat.completion.chunk")
+    events = await svc.start(requests, http, body.stream)
+    replies = screened(events, svc.moderator, [messages] * body.n, hold=bool(calling))
+    if body.stream:
+        return StreamingResponse(_until_shutdown(_chat_stream(svc, replies, head, body, calling, len(ids))),
+                                 media_type="text/event-stream")
+    return await _chat_reply(svc, replies, head, body, calling, len(ids))
+
+
+@router.post("/v1/completions", responses=GENERATION)
+async def completions(body: CompletionRequest, http: Request, svc: ServiceDep):
+    adapter = svc.check_model(body.model)
+    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+    schema = json_schema_of(body.response_format)
+    if svc.moderator is not None:
+        for p in prompts:
+            await svc.moderator.screen([{"role": "user", "content": p}])
+    try:
+        if body.suffix is not None:  # Code Llama infilling: the model writes what goes between
+            encoded = [svc.llm.encode_infill(p, body.suffix) for p in prompts]
+            stop = svc.llm.infill_stop_ids()
+        else:
+            encoded = [svc.llm.encode(p) for p in prompts]
+            stop = None
+        requests = [svc.request(ids, params_for(body, body.max_tokens, schema, i), chat=False, logprobs=body.logprobs,
+                                stop_ids=stop, adapter=adapter)
+                    for ids in encoded for i in range(body.n)]
+    except HerdError as e:
+        raise from_herd_error(e) from None
+    n_prompt = sum(len(ids) for ids in encoded)
+    head = _head(svc, adapter, "cmpl", "text_completion")
+    events = await svc.start(requests, http, body.stream)
+    choice_prompts = [prompts[k // body.n] for k in range(len(requests))]
+    if body.stream:
+        echoes = [p if body.echo else "" for p in choice_prompts]
+        return StreamingResponse(_until_shutdown(_completion_stream(svc, events, head, body, n_prompt, echoes)),
+                                 media_type="text/event-stream")
+    replies = screened(events, svc.moderator, [[{"role": "user", "content": p}] for p in choice_prompts])
+    return await _completion_reply(svc, replies, head, body, n_prompt, choice_prompts)
 
 
 async def _until_shutdown(chunks):
@@ -174,24 +168,34 @@ async def _until_shutdown(chunks):
         yield "data: [DONE]\n\n"
 
 
-def _raise_engine_error(ev: Event) -> None:
-    if ev.finish_reason == "error":
-        raise APIError(500, f"generation failed: {ev.error}")
-
-
-async def _collect(events, n: int):
-    """Run `n` choices to the end: their texts, log-probabilities, finish reasons, and the
-    number of tokens generated in all."""
+async def _collect(replies, n: int):
+    """Run `n` choices to the end (`replies` from moderation.screened): their texts,
+    log-probabilities, finish reasons, and the number of tokens generated in all."""
     texts, reasons = [""] * n, [None] * n
     lps: list[list] = [[] for _ in range(n)]
     completion = 0
-    async for i, ev, _ in events:
-        _raise_engine_error(ev)
-        texts[i] += ev.text
+    async for i, ev, text, reason in replies:
+        texts[i] += text
         lps[i] += ev.logprobs or []
         completion += len(ev.tokens)
-        reasons[i] = ev.finish_reason or reasons[i]
+        reasons[i] = reason or reasons[i]
+        if reason == "content_filter":  # the flagged reply's tokens are not shown either
+            lps[i] = []
     return texts, lps, reasons, completion
+
+
+async def _completion_reply(svc: Service, replies, head, body: CompletionRequest, n_prompt: int,
+                            prompts: list[str]) -> dict:
+    """The whole reply to a completions request; `prompts`: each choice's prompt."""
+    texts, lps, reasons, completion = await _collect(replies, len(prompts))
+    if body.echo:  # a flagged reply shows nothing, not even its prompt
+        texts = [text if reason == "content_filter" else prompt + text
+                 for prompt, text, reason in zip(prompts, texts, reasons)]
+    choices = [{"index": i, "text": texts[i], "finish_reason": reasons[i],
+                "logprobs": _completion_logprobs(svc, lps[i], len(prompts[i]) if body.echo else 0)
+                if body.logprobs is not None else None}
+               for i in range(len(prompts))]
+    return {**head, "choices": choices, "usage": usage(n_prompt, completion)}
 
 
 def _chat_logprobs(svc: Service, lps) -> dict:
@@ -214,34 +218,30 @@ def _completion_logprobs(svc: Service, lps, offset: int) -> dict:
 
 def _tool_message(text: str, tools: list[dict]) -> tuple[dict, bool]:
     """The assistant message for `text`, and whether it is a tool call."""
-    content, calls = toolcalls.read_reply(text, tools) if tools else (text, [])
+    content, calls = read_reply(text, tools) if tools else (text, [])
     message = {"role": "assistant", "content": content, "refusal": None}
     if calls:
         message["tool_calls"] = calls
     return message, bool(calls)
 
 
-async def _chat_reply(svc, events, head, body: ChatCompletionRequest, tools, n_prompt, messages) -> dict:
-    n = body.n
-    texts, lps, reasons, completion = await _collect(events, n)
+async def _chat_reply(svc: Service, replies, head, body: ChatCompletionRequest, tools, n_prompt) -> dict:
+    texts, lps, reasons, completion = await _collect(replies, body.n)
     choices = []
-    for i in range(n):
+    for i in range(body.n):
         message, called = _tool_message(texts[i], tools)
         reason = "tool_calls" if called and reasons[i] == "stop" else reasons[i]
-        if svc.moderator is not None and await svc.moderator.flags_reply(messages, texts[i]):
-            message, reason, lps[i] = {"role": "assistant", "content": "", "refusal": None}, "content_filter", []
         choices.append({"index": i, "message": message, "finish_reason": reason,
                         "logprobs": _chat_logprobs(svc, lps[i]) if body.logprobs else None})
     return {**head, "object": "chat.completion", "choices": choices, "usage": usage(n_prompt, completion)}
 
 
-async def _chat_stream(svc, events, head, body: ChatCompletionRequest, tools, n_prompt, messages):
+async def _chat_stream(svc: Service, replies, head, body: ChatCompletionRequest, tools, n_prompt):
+    """A chat reply's server-sent events. A reply held back (tools, a guard) shows no log-probabilities."""
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     extra = {"usage": None} if include_usage else {}
     completion = 0
-    # With tools, a reply is held until it is known to be a call or not; with a guard, until screened.
-    hold = bool(tools) or svc.moderator is not None
-    buffered = [""] * body.n
+    held = bool(tools) or svc.moderator is not None
 
     def chunk(i, delta, reason=None, logprobs=None):
         return sse({**head, "choices": [{"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": reason}],
@@ -249,34 +249,20 @@ async def _chat_stream(svc, events, head, body: ChatCompletionRequest, tools, n_
 
     for i in range(body.n):
         yield chunk(i, {"role": "assistant", "content": ""})
-    async for i, ev, _ in events:
-        if ev.finish_reason == "error":
-            yield sse_error(f"generation failed: {ev.error}")
-            break
-        completion += len(ev.tokens)
-        logprobs = _chat_logprobs(svc, ev.logprobs) if body.logprobs and ev.logprobs else None
-        if hold:
-            buffered[i] += ev.text
-        elif ev.text or logprobs:
-            yield chunk(i, {"content": ev.text}, logprobs=logprobs)
-        if ev.finish_reason:
-            reason = ev.finish_reason
-            try:
-                flagged = svc.moderator is not None and await svc.moderator.flags_reply(messages, buffered[i])
-            except APIError as e:
-                yield sse_error(e.message, e.code)
-                break
-            if flagged:
-                reason = "content_filter"
-            elif hold:
-                message, called = _tool_message(buffered[i], tools)
-                if called:
-                    calls = [{"index": 0, **c} for c in message["tool_calls"]]
-                    yield chunk(i, {"tool_calls": calls})
-                    reason = "tool_calls" if reason == "stop" else reason
-                elif buffered[i]:
-                    yield chunk(i, {"content": buffered[i]})
-            yield chunk(i, {}, reason)
+    try:
+        async for i, ev, text, reason in replies:
+            completion += len(ev.tokens)
+            logprobs = _chat_logprobs(svc, ev.logprobs) if body.logprobs and ev.logprobs and not held else None
+            message, called = _tool_message(text, tools) if reason and tools else ({}, False)
+            if called:
+                yield chunk(i, {"tool_calls": [{"index": 0, **c} for c in message["tool_calls"]]})
+                reason, text = "tool_calls" if reason == "stop" else reason, ""
+            if text or logprobs:
+                yield chunk(i, {"content": text}, logprobs=logprobs)
+            if reason:
+                yield chunk(i, {}, reason)
+    except APIError as e:  # a failed generation, or a guard that failed
+        yield sse_error(e.message, e.code)
     if include_usage:
         yield sse({**head, "choices": [], "usage": usage(n_prompt, completion)})
     yield "data: [DONE]\n\n"

@@ -4,12 +4,18 @@ from sampling fields."""
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import Depends
+from fastapi import Request as HTTPRequest
 
 from herd.engine import Engine, Request
 from herd.errors import HerdError
 from herd.generate import SamplingParams
-from herd.serve import tools as toolcalls
+from herd.serve.bridge import run_requests, started
 from herd.serve.errors import APIError
+from herd.serve.tools import prompt_ids
 
 
 class Service:
@@ -41,7 +47,7 @@ class Service:
         if self.llm.chat_format is None:
             raise APIError(400, f"model {self.name} has no chat format; use the completions endpoint",
                            param="messages")
-        return toolcalls.prompt_ids(self.llm, messages, tools)
+        return prompt_ids(self.llm, messages, tools)
 
     def normalize_messages(self, messages: list[dict]) -> list[dict]:
         """OpenAI messages as the chat formats take them: content parts joined into a string,
@@ -63,6 +69,12 @@ class Service:
             stop |= self.llm.chat_format.stop_ids(self.llm.tokenizer)
         return Request(prompt_ids, params, stop, on_event=lambda ev: None, logprobs=logprobs, adapter=adapter)
 
+    async def start(self, requests: list[Request], http: HTTPRequest, stream: bool) -> AsyncIterator:
+        """Submit `requests` (one HTTP request's choices): their events, the first awaited now so
+        that a refused request still gets its status code. A whole (not streamed) reply polls
+        for the client leaving, which nothing else would notice while it waits."""
+        return await started(run_requests(self.engine, requests, None if stream else http.is_disconnected))
+
     def token_text(self, token: int) -> str:
         return self.llm.tokenizer.decode([token])
 
@@ -70,6 +82,14 @@ class Service:
         if self._token_bytes is None:
             self._token_bytes = self.llm.tokenizer.token_bytes()
         return list(self._token_bytes[token]) if token < len(self._token_bytes) else []
+
+
+def served(http: HTTPRequest) -> Service:
+    """The Service of the app answering `http`: what a route handler takes as `svc: ServiceDep`."""
+    return http.app.state.service
+
+
+ServiceDep = Annotated[Service, Depends(served)]
 
 
 def sampling_params(**fields) -> SamplingParams:
