@@ -25,7 +25,7 @@ TINY_CONFIGS = {
 }
 
 
-def tiny_config(family: str = "llama2", **overrides) -> ModelConfig:
+def tiny_config(family: str = "llama2", /, **overrides) -> ModelConfig:
     """The tiny shape of `family`, with what a test needs changed (a tokenizer's vocab_size, a longer context)."""
     return TINY_CONFIGS[family].replace(**overrides)
 

@@ -8,8 +8,7 @@ import torch
 from sentencepiece import sentencepiece_model_pb2 as pb
 
 from conftest import require_shared
-from helpers import spread_init
-from herd.config import ModelConfig
+from helpers import spread_init, tiny_config
 from herd.errors import HerdError
 from herd.llm import LLM
 from herd.model import Transformer
@@ -79,8 +78,7 @@ def test_infill_errors(llama2, llama3):
 def test_llm_infill_greedy_and_eot(codellama):
     tok, _ = codellama
     torch.manual_seed(0)
-    cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=32016, hidden_dim=128,
-                      max_seq_len=128, family="codellama")
+    cfg = tiny_config("llama2", vocab_size=32016, family="codellama")
     model = spread_init(Transformer(cfg)).eval()
     llm = LLM(model, tok)
     ids = llm.encode_infill(PREFIX, SUFFIX)
@@ -112,7 +110,7 @@ def test_cli_infill(codellama, tmp_path):
     if tok.token_id("▁<PRE>") is not None:
         pytest.skip("the CLI runs once, on the variant with ordinary infilling pieces")
     torch.manual_seed(1)
-    cfg = ModelConfig(dim=32, n_layers=1, n_heads=2, vocab_size=32016, hidden_dim=64, max_seq_len=128)
+    cfg = tiny_config("llama2", vocab_size=32016)
     model = spread_init(Transformer(cfg)).eval()
     save_hf(cfg, model.state_dict(), tmp_path)
     (tmp_path / "tokenizer.model").write_bytes(data)
@@ -133,7 +131,7 @@ def test_server_completions_with_suffix_infill(codellama):
 
     tok, _ = codellama
     torch.manual_seed(1)
-    cfg = ModelConfig(dim=32, n_layers=1, n_heads=2, vocab_size=32016, hidden_dim=64, max_seq_len=256)
+    cfg = tiny_config("llama2", vocab_size=32016, max_seq_len=256)
     llm = LLM(spread_init(Transformer(cfg)).eval(), tok, name="code")
     expected = llm.infill("x = ", "\nprint(x)", max_tokens=6, temperature=0)
     with running(create_app(Engine(llm, max_batch=2, ctx=128))) as url:
