@@ -12,7 +12,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from helpers import spread_init
+from helpers import spread_init, tiny_config
 
 from herd.checkpoint import (
     build_model,
@@ -231,7 +231,7 @@ def test_gguf_quant_types_match_transformers(tmp_path):
 
 
 def test_gguf_quantized_weights_are_close_to_the_originals(tmp_path):
-    cfg = ModelConfig(dim=64, n_layers=1, n_heads=4, vocab_size=96, hidden_dim=96, tie_embeddings=True)
+    cfg = tiny_config("llama2", n_layers=1, vocab_size=96, tie_embeddings=True)
     sd = random_state_dict(cfg)
     # error bounds: half a step of each format for weights of this size (|w| < ~0.7)
     for qtype, atol in [(Q.F32, 0), (Q.F16, 1e-3), (Q.BF16, 5e-3), (Q.Q8_0, 5e-3), (Q.Q4_0, 0.1), (Q.Q4_1, 0.1)]:
@@ -267,11 +267,12 @@ def test_gguf_rope_freqs_become_llama3_scaling(tmp_path, factor):
 
 
 def test_gguf_bad_files_are_named(tmp_path):
-    cfg = ModelConfig(dim=64, n_layers=1, n_heads=4, vocab_size=96, hidden_dim=96, tie_embeddings=True)
+    cfg = tiny_config("llama2", n_layers=1, vocab_size=96, tie_embeddings=True)
     sd = random_state_dict(cfg)
     cases = [
         (write_gguf(tmp_path / "qwen.gguf", cfg, sd, arch="qwen2"), "unsupported architecture 'qwen2'"),
-        (write_gguf(tmp_path / "ffn.gguf", cfg.replace(hidden_dim=80), sd), "feed_forward.w1.weight has shape [96, 64]"),
+        (write_gguf(tmp_path / "ffn.gguf", cfg.replace(hidden_dim=80), sd),
+         f"feed_forward.w1.weight has shape [{cfg.hidden_dim}, {cfg.dim}]"),
         (write_gguf(tmp_path / "rope.gguf", cfg, sd, rope_freqs=np.linspace(1, 3, 8, dtype=np.float32)), "rope_freqs"),
         (write_gguf(tmp_path / "extra.gguf", cfg, {**sd, "layers.0.attention.wq.bias": sd["norm.weight"]}),
          "unexpected tensor blk.0.attn_q.bias"),
