@@ -17,7 +17,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from herd.config import ModelConfig
 from herd.errors import HerdError
 from herd.model import Transformer
 from herd.train.config import TrainConfig, read_recipe
@@ -26,6 +25,7 @@ from herd.train.distributed import Dist
 from herd.train.objectives import LanguageModeling
 from herd.train.recipes import init_weights
 from herd.train.trainer import Run, Trainer, learning_rate
+from helpers import tiny_config
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small models, trained in this process
@@ -237,8 +237,7 @@ def tiny_run(shakespeare, out, **cfg) -> tuple[Trainer, list[dict]]:
     corpus = load_corpus(shakespeare)
     config = TrainConfig(out=str(out), **{"steps": 4, "seq_len": 32, "lr": 1e-2, "progress": False, "log_every": 1,
                                           **cfg})
-    model = init_weights(Transformer(ModelConfig(dim=32, n_layers=2, n_heads=2, vocab_size=512, hidden_dim=64,
-                                                 max_seq_len=32, tie_embeddings=True)), seed=0)
+    model = init_weights(Transformer(tiny_config("llama3", vocab_size=512)), seed=0)
     rows = config.batch_size * config.grad_accum
     run = Run(model, LanguageModeling(), Windows(corpus.train, 32, rows, 0), None, lambda *a: None,
               data=corpus.fingerprint())
@@ -278,7 +277,7 @@ def test_compile_without_a_cpp_compiler_says_so(monkeypatch):
         raise torch._inductor.exc.InvalidCxxCompiler()
 
     monkeypatch.setattr(torch._inductor.cpp_builder, "get_cpp_compiler", missing)
-    model = Transformer(ModelConfig(dim=32, n_layers=1, n_heads=2, vocab_size=64, hidden_dim=64, max_seq_len=8))
+    model = Transformer(tiny_config())
     with pytest.raises(HerdError, match="no C.. compiler found"):
         compile_blocks(model, torch.device("cpu"))
 
