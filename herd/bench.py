@@ -59,7 +59,7 @@ def random_model(config: str, fmt: str, seed: int = 0):
 
 def checkpoint_model(path: str, fmt: str):
     """The checkpoint at `path` in `fmt` ("stored": GGUF quants kept as they are)."""
-    from herd.quant.io import load_model
+    from herd.checkpoint import load_model
 
     dtype = {"f16": torch.float16, "bf16": torch.bfloat16}.get(fmt, torch.float32)
     quantize_to = {"stored": "keep", "int8": "int8", "int4": "int4"}.get(fmt)

@@ -331,7 +331,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
-    from herd.quant.io import quantize_checkpoint
+    from herd.checkpoint import quantize_checkpoint
 
     print(quantize_checkpoint(args.src, args.dst, bits=args.bits, group_size=args.group_size,
                               symmetric=args.symmetric))

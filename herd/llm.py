@@ -212,7 +212,7 @@ def load(model: str | Path | None = None, *, dtype: str | torch.dtype = "auto", 
     quantized directory) or a name in the model store; with no model, the built-in default (pulled
     on first use). quantize: None loads float weights in `dtype` (GGUF quants dequantized), "keep"
     keeps GGUF quants packed, "int8" / "int4" quantizes (group_size inputs per scale)."""
-    from herd.quant.io import load_model
+    from herd.checkpoint import load_model
     from herd.store import resolve_model
     from herd.tokenizer import chat_format_for, load_tokenizer
 

@@ -566,7 +566,7 @@ def test_corpus_is_large_and_across_formats():
 def test_the_untampered_files_load(tmp_path):
     """The corpus's files are lies about files that load: the errors come from the lies."""
     from herd.checkpoint import load_checkpoint
-    from herd.quant.gguf import load_gguf_packed
+    from herd.checkpoint.gguf_packed import load_gguf_packed
 
     for i, build in enumerate((gguf(), hf_dir(), meta_dir())):
         ckpt = load_checkpoint(build(tmp_path / str(i)))

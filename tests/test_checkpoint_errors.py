@@ -287,7 +287,7 @@ def _tiny_gguf(tmp_path):
 def test_every_prefix_of_a_gguf_file_is_refused_in_one_line(tmp_path):
     """A file cut anywhere (header, metadata, tensor infos, data) is a HerdError, never another
     exception or an allocation the file cannot back; both GGUF loaders."""
-    from herd.quant.gguf import load_gguf_packed
+    from herd.checkpoint.gguf_packed import load_gguf_packed
 
     data = _tiny_gguf(tmp_path).read_bytes()
     cut = tmp_path / "cut.gguf"
@@ -306,7 +306,7 @@ def test_random_corruptions_load_or_fail_in_one_line(tmp_path, kind):
 
     from test_bad_files import hf_dir, llama2c
 
-    from herd.quant.gguf import load_gguf_packed
+    from herd.checkpoint.gguf_packed import load_gguf_packed
 
     floats = 8 * 16 + 8 + 2 * 8 + 4 * 64 + 3 * 8 * 16 + 8 + 64 * 2
     path = {"gguf": _tiny_gguf, "safetensors": hf_dir(), "llama2c": llama2c(8, 16, 1, 2, 2, 16, 64, floats=floats)
@@ -353,7 +353,7 @@ def test_packed_checkpoint_tensors_are_checked_against_their_format(tmp_path):
     its format needs is refused, not handed to them."""
     from test_bad_files import herd_packed_lie
 
-    from herd.quant.io import load_model
+    from herd.checkpoint import load_model
 
     path = herd_packed_lie(tmp_path)
     with pytest.raises(HerdError, match="layers.0.attention.wq .*qweight"):

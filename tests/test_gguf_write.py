@@ -11,10 +11,11 @@ from conftest import require_shared
 from helpers import spread_init, tiny_config
 
 from herd.checkpoint import build_model, convert, load_checkpoint, read_gguf_metadata, save_hf
+from herd.checkpoint.gguf_file import GGUFFile
+from herd.checkpoint.gguf_packed import load_gguf_packed
 from herd.errors import HerdError
 from herd.model import Transformer
 from herd.quant import quantize
-from herd.quant.gguf import GGUFFile, load_gguf_packed
 
 TOKENS = torch.tensor([[1, 45, 300, 7, 99, 402, 12, 3, 17, 250, 64, 88, 5, 311, 2, 42, 9, 130, 77, 6]])
 

@@ -11,10 +11,10 @@ from conftest import require_shared
 
 import herd
 from herd.checkpoint import build_model, load_checkpoint
+from herd.checkpoint.gguf_packed import load_gguf_packed
 from herd.llm import LLM
 from herd.quant import PackedLinear, quantize
 from herd.quant.forward import enable
-from herd.quant.gguf import load_gguf_packed
 
 WINDOW = 512
 

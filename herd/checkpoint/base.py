@@ -7,6 +7,7 @@ interleaved rotary layout; everything past that point is format-free.
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,10 @@ from herd.model.transformer import Transformer
 
 if TYPE_CHECKING:
     from herd.tokenizer import Tokenizer
+
+# Files beside HF / Meta weights that describe the tokenizer, chat template and stop tokens.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json", "chat_template.jinja")
 
 
 @dataclass
@@ -190,3 +195,29 @@ def directory_extras(directory: Path, tokenizer: bool) -> tuple[Tokenizer | None
         if not eos and (directory / name).exists():
             eos = eos_list(read_json(directory / name).get("eos_token_id"))
     return tok, template if isinstance(template, str) else None, eos
+
+
+def tokenizer_file(path: Path, vocab_size: int) -> Path | None:
+    """The SentencePiece model beside a .bin: tokenizer.model, or tok{vocab}.model as
+    llama2.c names its custom vocabularies."""
+    for candidate in (path.parent / "tokenizer.model", path.parent / f"tok{vocab_size}.model"):
+        if candidate.exists():
+            return candidate
+    return None
+
+
+def copy_tokenizer_files(ckpt: Checkpoint, dst: Path) -> bool:
+    """Copy the tokenizer files beside an HF/Meta checkpoint, or a llama2c one's tokenizer.model,
+    into `dst`; False for a format whose tokenizer is not in files (GGUF)."""
+    src = ckpt.path
+    if ckpt.format in ("hf", "meta"):
+        for name in TOKENIZER_FILES:
+            if (src / name).is_file():
+                shutil.copyfile(src / name, dst / name)
+    elif ckpt.format == "llama2c":
+        found = tokenizer_file(src, ckpt.config.vocab_size)
+        if found is not None:
+            shutil.copyfile(found, dst / "tokenizer.model")
+    else:
+        return False
+    return True

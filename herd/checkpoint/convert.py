@@ -1,22 +1,19 @@
-"""`herd convert`: rewrite a checkpoint of any readable format as a Hugging Face or Meta one,
-carrying the tokenizer files along."""
+"""`herd convert`: rewrite a checkpoint of any readable format as a Hugging Face, Meta or GGUF one,
+carrying the tokenizer files along; `herd quantize`: as a herd quantized one."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import torch
 
+from herd.checkpoint.base import copy_tokenizer_files, tokenizer_file
 from herd.checkpoint.hf import save_hf
-from herd.checkpoint.llama2c import tokenizer_file
-from herd.checkpoint.load import load_checkpoint
+from herd.checkpoint.load import build_model, load_checkpoint
 from herd.checkpoint.meta import save_meta
+from herd.checkpoint.packed import save_packed
 from herd.errors import HerdError
-
-# Files beside HF / Meta weights that describe the tokenizer, chat template and stop tokens.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-                   "generation_config.json", "chat_template.jinja")
+from herd.quant import quantize
 
 
 def convert(src: str | Path, dst: str | Path, to: str, dtype: torch.dtype | None = None,
@@ -42,21 +39,15 @@ def convert(src: str | Path, dst: str | Path, to: str, dtype: torch.dtype | None
     return dst
 
 
-def copy_tokenizer_files(ckpt, dst: Path) -> bool:
-    """Copy the tokenizer files beside an HF/Meta checkpoint, or a llama2c one's tokenizer.model,
-    into `dst`; False for a format whose tokenizer is not in files (GGUF)."""
-    src = ckpt.path
-    if ckpt.format in ("hf", "meta"):
-        for name in TOKENIZER_FILES:
-            if (src / name).is_file():
-                shutil.copyfile(src / name, dst / name)
-    elif ckpt.format == "llama2c":
-        found = tokenizer_file(src, ckpt.config.vocab_size)
-        if found is not None:
-            shutil.copyfile(found, dst / "tokenizer.model")
-    else:
-        return False
-    return True
+def quantize_checkpoint(src: str | Path, dst: str | Path, bits: int, group_size: int | None = None,
+                        symmetric: bool = False) -> Path:
+    """`herd quantize`: read any checkpoint, quantize its weights, write a herd quantized checkpoint."""
+    ckpt = load_checkpoint(Path(src), None, tokenizer=False)
+    model = build_model(ckpt)
+    if ckpt.format == "gguf":
+        model.float()  # dequantized GGUF tensors come as fp32 already; norms too
+    quantize(model, bits, group_size, symmetric)
+    return save_packed(model, ckpt, dst)
 
 
 def _to_gguf(src: Path, dst: Path, gguf_type: str) -> Path:

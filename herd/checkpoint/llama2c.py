@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from herd.checkpoint.base import Checkpoint, check_state_dict, make_config, with_family
+from herd.checkpoint.base import Checkpoint, check_state_dict, make_config, tokenizer_file, with_family
 from herd.errors import HerdError
 
 HEADER_BYTES = 28
@@ -103,11 +103,3 @@ def load_llama2c(path: Path, dtype: torch.dtype | None = None, tokenizer: bool =
         tok = load_tokenizer(tok_file)
     return Checkpoint(cfg, state_dict, "llama2c", path, tok)
 
-
-def tokenizer_file(path: Path, vocab_size: int) -> Path | None:
-    """The SentencePiece model beside a .bin: tokenizer.model, or tok{vocab}.model as
-    llama2.c names its custom vocabularies."""
-    for candidate in (path.parent / "tokenizer.model", path.parent / f"tok{vocab_size}.model"):
-        if candidate.exists():
-            return candidate
-    return None

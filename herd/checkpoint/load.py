@@ -1,4 +1,5 @@
-"""Recognise a checkpoint by its content, load it, and build a model from it."""
+"""Recognise a checkpoint by its content, load it, and build a model from it: as stored
+(`build_model`) or in the form it runs fastest in (`load_model`, what `herd.load` uses)."""
 
 from __future__ import annotations
 
@@ -9,13 +10,18 @@ import torch
 from herd.checkpoint.base import Checkpoint, check_dtype
 from herd.checkpoint.gguf_file import MAGIC as GGUF_MAGIC
 from herd.checkpoint.gguf_file import load_gguf
+from herd.checkpoint.gguf_packed import load_gguf_packed
 from herd.checkpoint.hf import load_hf
 from herd.checkpoint.llama2c import is_versioned_export, load_llama2c, read_header
 from herd.checkpoint.meta import load_meta
+from herd.checkpoint.packed import is_packed_dir, load_packed
 from herd.errors import HerdError
 from herd.model.transformer import Transformer
+from herd.quant import forward
+from herd.quant.quantize import quantize
 
 _LOADERS = {"hf": load_hf, "meta": load_meta, "llama2c": load_llama2c, "gguf": load_gguf}
+SCHEMES = {"int8": 8, "int4": 4}
 
 
 def detect_format(path: str | Path) -> str:
@@ -70,3 +76,37 @@ def build_model(ckpt: Checkpoint, device: torch.device | str = "cpu") -> Transfo
     if cfg.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
     return model.to(device)
+
+
+def load_model(path: str | Path, dtype: torch.dtype, device: str = "cpu", quantize_to: str | None = None,
+               group_size: int | None = None, tokenizer: bool = True) -> tuple[Transformer, Checkpoint]:
+    """The model at `path` and its Checkpoint (config, tokenizer, chat template, end tokens).
+
+    quantize_to None: float weights take `dtype`, GGUF quants are dequantized to it, herd's quantized
+    checkpoints stay packed. "keep": GGUF quants stay packed too (on the CPU; faster, but the
+    kernels' int8 activations change some greedy outputs). "int8" / "int4" quantize the weights
+    (a GGUF quant is dequantized first). On the CPU 16-bit weights
+    are packed (computed in fp32: torch's CPU bf16 matmul is very slow) and decode steps run natively.
+    The Checkpoint's state_dict is left empty on the CPU: the weights are the model's.
+    """
+    path = Path(path)
+    if quantize_to not in (None, "keep", *SCHEMES):
+        raise HerdError(f"unknown quantization {quantize_to!r}; use int8, int4 or keep")
+    cpu = torch.device(device).type == "cpu"
+    if is_packed_dir(path):
+        if quantize_to not in (None, "keep"):
+            raise HerdError(f"{path}: already quantized; load it without a quantization")
+        model, ckpt = load_packed(path, tokenizer)
+    elif quantize_to == "keep" and cpu and detect_format(path) == "gguf":
+        model, ckpt = load_gguf_packed(path, tokenizer)
+    else:
+        ckpt = load_checkpoint(path, dtype, tokenizer)
+        model = build_model(ckpt, device)
+        if quantize_to in SCHEMES:
+            quantize(model, SCHEMES[quantize_to], group_size)
+        elif cpu and dtype in (torch.float16, torch.bfloat16):
+            quantize(model, 16)
+    if cpu:
+        ckpt.state_dict = {}  # the model holds the weights: each can be freed once enable() has moved it
+        forward.enable(model)
+    return model.to(device).eval(), ckpt

@@ -26,7 +26,8 @@ from torch import nn
 from herd.quant import native
 
 FORMATS = ("f32", "f16", "bf16", "q8", "q4")
-_FLOAT_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+# the dtype of each unquantized format
+FLOAT_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 # Up to this many tokens per call the weight-streaming kernels win (herd_linear: each weight is read
 # once per 4 tokens, and int8/int4 multiply in integers); beyond, the blocked fp32 matrix multiply
 # does (herd_matmul). Measured on 2 Zen 3 cores, 5632 x 2048: they cross near 24 tokens for 16-bit
@@ -36,7 +37,7 @@ MV_MAX_TOKENS = {"f32": 16, "f16": 16, "bf16": 16, "q8": 32, "q4": 32}
 
 def kernel_ok(fmt: str, in_features: int, group_size: int | None) -> bool:
     """Whether the C kernels take this shape (everything else uses the torch fallback)."""
-    if fmt in _FLOAT_DTYPES:
+    if fmt in FLOAT_DTYPES:
         return in_features % 16 == 0
     if fmt == "q8":
         return in_features % 32 == 0 and (group_size == 16 or group_size % 32 == 0)
@@ -62,7 +63,7 @@ def _expand(per_group: torch.Tensor, group_size: int) -> torch.Tensor:
 def dequantize(fmt: str, group_size: int | None, packed: dict[str, torch.Tensor],
                rows: torch.Tensor | slice = slice(None)) -> torch.Tensor:
     """Rows of a packed weight as fp32."""
-    if fmt in _FLOAT_DTYPES:
+    if fmt in FLOAT_DTYPES:
         return packed["weight"][rows].float()
     scales = _expand(packed["scales"][rows], group_size)
     if fmt == "q8":
@@ -102,7 +103,7 @@ class PackedLinear(nn.Module):
     def describe(self) -> native.Linear:
         """This layer for the C kernels (valid while its buffers are)."""
         s, m = getattr(self, "scales", None), getattr(self, "mins", None)
-        w = self.weight if self.fmt in _FLOAT_DTYPES else self.qweight
+        w = self.weight if self.fmt in FLOAT_DTYPES else self.qweight
         return native.Linear(native.FORMAT_CODES[self.fmt], int(s is not None and s.dtype == torch.float16),
                              self.group_size or 0, self.out_features, self.in_features, w.data_ptr(),
                              None if s is None else s.data_ptr(), None if m is None else m.data_ptr())

@@ -1,9 +1,7 @@
-"""Loading a model in the form it runs fastest in, and herd's own quantized checkpoints.
-
-A quantized checkpoint is a directory: `herd.json` (the config, every packed layer's format and
-group size, chat template, end tokens), `model.safetensors` (packed tensors in herd's names) and the
-tokenizer (the source's tokenizer files, or `gguf_tokenizer.json` holding a GGUF source's
-`tokenizer.*` metadata).
+"""herd's own quantized checkpoints: a directory of `herd.json` (the config, every packed layer's
+format and group size, chat template, end tokens), `model.safetensors` (packed tensors in herd's
+names) and the tokenizer (the source's tokenizer files, or `gguf_tokenizer.json` holding a GGUF
+source's `tokenizer.*` metadata). `herd quantize` writes them (herd.checkpoint.convert).
 """
 
 from __future__ import annotations
@@ -17,58 +15,20 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from herd.checkpoint import Checkpoint, build_model, detect_format, load_checkpoint
-from herd.checkpoint.base import check_fits, make_config, read_json, with_family
+from herd.checkpoint.base import Checkpoint, check_fits, copy_tokenizer_files, make_config, read_json, with_family
+from herd.checkpoint.gguf_file import GGUFFile
 from herd.config import ModelConfig
 from herd.errors import HerdError
 from herd.model import Transformer
-from herd.quant import forward
-from herd.quant.linear import _FLOAT_DTYPES, PackedEmbedding, PackedLinear
-from herd.quant.quantize import quantize
+from herd.quant.linear import FLOAT_DTYPES, PackedEmbedding, PackedLinear
+from herd.tokenizer import load_tokenizer, tokenizer_from_gguf
 
 MANIFEST = "herd.json"
 GGUF_TOKENIZER = "gguf_tokenizer.json"
-SCHEMES = {"int8": 8, "int4": 4}
 
 
 def is_packed_dir(path: Path) -> bool:
     return path.is_dir() and (path / MANIFEST).is_file()
-
-
-def load_model(path: str | Path, dtype: torch.dtype, device: str = "cpu", quantize_to: str | None = None,
-               group_size: int | None = None, tokenizer: bool = True) -> tuple[Transformer, Checkpoint]:
-    """The model at `path` and its Checkpoint (config, tokenizer, chat template, end tokens).
-
-    quantize_to None: float weights take `dtype`, GGUF quants are dequantized to it, herd's quantized
-    checkpoints stay packed. "keep": GGUF quants stay packed too (on the CPU; faster, but the
-    kernels' int8 activations change some greedy outputs). "int8" / "int4" quantize the weights
-    (a GGUF quant is dequantized first). On the CPU 16-bit weights
-    are packed (computed in fp32: torch's CPU bf16 matmul is very slow) and decode steps run natively.
-    The Checkpoint's state_dict is left empty on the CPU: the weights are the model's.
-    """
-    path = Path(path)
-    if quantize_to not in (None, "keep", *SCHEMES):
-        raise HerdError(f"unknown quantization {quantize_to!r}; use int8, int4 or keep")
-    cpu = torch.device(device).type == "cpu"
-    if is_packed_dir(path):
-        if quantize_to not in (None, "keep"):
-            raise HerdError(f"{path}: already quantized; load it without a quantization")
-        model, ckpt = load_packed(path, tokenizer)
-    elif quantize_to == "keep" and cpu and detect_format(path) == "gguf":
-        from herd.quant.gguf import load_gguf_packed
-
-        model, ckpt = load_gguf_packed(path, tokenizer)
-    else:
-        ckpt = load_checkpoint(path, dtype, tokenizer)
-        model = build_model(ckpt, device)
-        if quantize_to in SCHEMES:
-            quantize(model, SCHEMES[quantize_to], group_size)
-        elif cpu and dtype in (torch.float16, torch.bfloat16):
-            quantize(model, 16)
-    if cpu:
-        ckpt.state_dict = {}  # the model holds the weights: each can be freed once enable() has moved it
-        forward.enable(model)
-    return model.to(device).eval(), ckpt
 
 
 def _packed_layers(model: Transformer) -> dict[str, dict[str, Any]]:
@@ -105,13 +65,9 @@ def save_packed(model: Transformer, ckpt: Checkpoint, dst: str | Path) -> Path:
 
 
 def _copy_tokenizer(ckpt: Checkpoint, dst: Path) -> None:
-    from herd.checkpoint.convert import copy_tokenizer_files
-
     if copy_tokenizer_files(ckpt, dst):
         return
     if ckpt.format == "gguf":
-        from herd.checkpoint.gguf_file import GGUFFile
-
         md = {k: v for k, v in GGUFFile(ckpt.path).metadata.items() if k.startswith("tokenizer.")}
         (dst / GGUF_TOKENIZER).write_text(json.dumps(md))
 
@@ -119,8 +75,8 @@ def _copy_tokenizer(ckpt: Checkpoint, dst: Path) -> None:
 def _packed_shapes(fmt: Any, k: int, n: int, g: Any) -> dict[str, tuple[tuple[int, int], set]] | None:
     """Name -> (shape, dtypes) of each tensor of an n x k layer packed as `fmt` in groups of `g`
     (q4's mins optional; the scales and mins share a dtype); None for a format or group that cannot be."""
-    if fmt in _FLOAT_DTYPES:
-        return {"weight": ((n, k), {_FLOAT_DTYPES[fmt]})}
+    if fmt in FLOAT_DTYPES:
+        return {"weight": ((n, k), {FLOAT_DTYPES[fmt]})}
     if isinstance(g, bool) or not isinstance(g, int) or g <= 0 or k % g:
         return None
     scales = ((n, k // g), {torch.float16, torch.float32})
@@ -205,25 +161,10 @@ def load_packed(path: Path, tokenizer: bool = True) -> tuple[Transformer, Checkp
         raise HerdError(f"{path}: tensor {missing[0]} is missing")
     tok = None
     if tokenizer and (path / GGUF_TOKENIZER).is_file():
-        from herd.tokenizer import tokenizer_from_gguf
-
         tok = tokenizer_from_gguf(read_json(path / GGUF_TOKENIZER))
     elif tokenizer and ((path / "tokenizer.json").is_file() or (path / "tokenizer.model").is_file()):
-        from herd.tokenizer import load_tokenizer
-
         tok = load_tokenizer(path)
     template = manifest.get("chat_template")
     ckpt = Checkpoint(cfg, model.state_dict(), "herd", path, tok, template if isinstance(template, str) else None,
                       {i for i in manifest.get("eos_ids") or () if isinstance(i, int)})
     return model, ckpt
-
-
-def quantize_checkpoint(src: str | Path, dst: str | Path, bits: int, group_size: int | None = None,
-                        symmetric: bool = False) -> Path:
-    """`herd quantize`: read any checkpoint, quantize its weights, write a herd quantized checkpoint."""
-    ckpt = load_checkpoint(Path(src), None, tokenizer=False)
-    model = build_model(ckpt)
-    if ckpt.format == "gguf":
-        model.float()  # dequantized GGUF tensors come as fp32 already; norms too
-    quantize(model, bits, group_size, symmetric)
-    return save_packed(model, ckpt, dst)
