@@ -14,6 +14,7 @@ from herd.config import ModelConfig
 from herd.errors import HerdError
 from herd.model.transformer import Transformer
 
+# its own shape, not a tiny_config: the expected messages below quote these widths ([48, 32], [16, 32])
 CFG = ModelConfig(dim=32, n_layers=1, n_heads=4, vocab_size=64, hidden_dim=48)
 
 
