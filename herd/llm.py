@@ -12,6 +12,7 @@ from herd.checkpoint.peft import load_adapters
 from herd.config import ModelConfig
 from herd.errors import HerdError
 from herd.generate import SamplingParams, Sequence, run_batch
+from herd.generate.speculative import make_drafter, speculative_decode
 from herd.model import Transformer
 from herd.tokenizer import ChatFormat, ChatReply, Tokenizer, parse_tool_calls
 from herd.tokenizer.guard import GuardVerdict, LlamaGuard3, parse_guard
@@ -48,9 +49,7 @@ class LLM:
         """Decode single prompts speculatively from now on: drafts from a smaller model with the same
         tokenizer (`draft`, an LLM or what herd.load takes) or by prompt lookup; `tokens` per round.
         Greedy output is unchanged token for token; sampled output keeps its distribution."""
-        from herd.generate.speculative import make_drafter
-
-        self.drafter, self.draft_tokens = make_drafter(self, draft, lookup), tokens
+        self.drafter, self.draft_tokens = load_drafter(self, draft, lookup), tokens
         return self
 
     def encode(self, prompt: str) -> list[int]:
@@ -158,8 +157,6 @@ class LLM:
 
     def _decode(self, seqs: list[Sequence]) -> Iterator[list[tuple[int, str]]]:
         if self.drafter is not None and len(seqs) == 1:
-            from herd.generate.speculative import speculative_decode
-
             return speculative_decode(self.model, seqs[0], self.drafter, self.draft_tokens)
         return run_batch(self.model, seqs)
 
@@ -204,6 +201,13 @@ def check_device(device: str | torch.device) -> torch.device:
     elif dev.type != "cpu":
         raise HerdError(f"device {device!r} is not supported; use cpu, cuda, cuda:N or mps")
     return dev
+
+
+def load_drafter(llm: LLM, draft: LLM | str | Path | None = None, lookup: bool = False):
+    """`make_drafter`, with a `draft` given as a path or a store name loaded first (on `llm`'s device)."""
+    if isinstance(draft, (str, Path)) and not lookup:  # with lookup too, make_drafter says to choose
+        draft = load(draft, device=str(llm.model.device))
+    return make_drafter(llm, draft, lookup)
 
 
 def load(model: str | Path | None = None, *, dtype: str | torch.dtype = "auto", device: str = "cpu",

@@ -170,18 +170,14 @@ def speculative_decode(model: Transformer, seq: Sequence, drafter, k: int = 5,
 
 
 def make_drafter(llm, draft=None, lookup: bool = False):
-    """The drafter for `llm`: PromptLookup, or a DraftModel of `draft` (an LLM or a model herd.load
-    takes), or None for neither."""
+    """The drafter for the LLM `llm`: PromptLookup, or a DraftModel of the LLM `draft` (loaded by
+    the caller: herd.llm.load_drafter), or None for neither."""
     if draft is not None and lookup:
         raise HerdError("choose a draft model or prompt lookup, not both")
     if lookup:
         return PromptLookup()
     if draft is None:
         return None
-    if not hasattr(draft, "model"):
-        import herd
-
-        draft = herd.load(draft, device=str(llm.model.device))
     if draft.config.vocab_size != llm.config.vocab_size or \
             draft.tokenizer.encode("Speculative drafts, 12345!") != llm.tokenizer.encode("Speculative drafts, 12345!"):
         raise HerdError(f"draft model {draft.name or ''} does not share the model's tokenizer")

@@ -21,7 +21,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from herd import __version__
 from herd.engine import Engine
 from herd.errors import HerdError
-from herd.generate.speculative import make_drafter
+from herd.llm import load_drafter
 from herd.serve.errors import error_body, install, responses
 from herd.serve.moderation import Moderator
 from herd.serve.moderation import router as moderation_routes
@@ -151,7 +151,7 @@ def serve(llm, *, host: str = "127.0.0.1", port: int = 8000, sock: socket.socket
     sock = sock or listen(host, port)
     # uvicorn re-raises SIGTERM once it has drained; exit with status 0 then, not "killed by a signal".
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    drafter = make_drafter(llm, draft, lookup)
+    drafter = load_drafter(llm, draft, lookup)
     engine = Engine(llm, max_batch=max_batch, ctx=ctx, kv_memory=kv_memory, max_queue=max_queue, drafter=drafter,
                     draft_tokens=draft_tokens)
     guard_engine = None if guard is None else Engine(guard, max_batch=2, max_queue=max_queue)
