@@ -10,7 +10,7 @@ constrained decoding makes the reply a JSON call {"name", "parameters"} matching
 from __future__ import annotations
 
 from herd.tokenizer import JinjaChat, Llama3Chat, Llama4Chat, parse_tool_calls
-from herd.tokenizer.chat import _JSON_TOOLS_SYSTEM, _tool_listing
+from herd.tokenizer.chat import json_tools_system
 from herd.tokenizer.tools import json_call, normalize_tool_calls
 
 
@@ -27,7 +27,7 @@ def prompt_ids(llm, messages: list[dict], tools: list[dict] | None) -> list[int]
     keep_tool_role = isinstance(llm.chat_format, JinjaChat)  # a template renders any role; built-ins do not
     msgs = [_as_text(m, i, keep_tool_role) for i, m in enumerate(messages)]
     if tools:
-        listing = _JSON_TOOLS_SYSTEM + _tool_listing(tools)
+        listing = json_tools_system(tools)
         if msgs[0]["role"] == "system":
             msgs[0] = {"role": "system", "content": listing + msgs[0]["content"]}
         else:

@@ -63,7 +63,7 @@ class ChatFormat(ABC):
 TOOL_ROLES = ("tool", "ipython")
 
 
-def _check_messages(messages: Sequence[Message], roles: tuple[str, ...] | None) -> list[dict]:
+def check_messages(messages: Sequence[Message], roles: tuple[str, ...] | None) -> list[dict]:
     """Copies of `messages` after checking their shape; `roles=None` accepts any role and any
     content (a Jinja template decides). Keys set to None are dropped, as transformers does (OpenAI
     clients send `content: null` with tool calls), and tool-call arguments become dicts."""
@@ -138,7 +138,7 @@ class Llama2Chat(MarkupChat):
 
     def segments(self, messages: Sequence[Message], add_generation_prompt: bool = True,
                  tools: Sequence[Mapping] | None = None) -> list[Segment]:
-        msgs = _check_messages(messages, ("system", "user", "assistant"))
+        msgs = check_messages(messages, ("system", "user", "assistant"))
         if tools is not None or any("tool_calls" in m for m in msgs):
             raise HerdError("Llama 2 chat has no tool calling")
         if msgs[0]["role"] == "system":
@@ -182,6 +182,12 @@ _JSON_TOOLS_USER = (
 
 def _tool_listing(functions: list[dict]) -> str:
     return "".join(_tojson(t, indent=4) + "\n\n" for t in functions)
+
+
+def json_tools_system(functions: list[dict]) -> str:
+    """Llama 3.1's system-message text offering `functions` for JSON tool calls (the server writes
+    it for chat formats that know no tools, too)."""
+    return _JSON_TOOLS_SYSTEM + _tool_listing(functions)
 
 
 def _tool_result(content: Any) -> str:
@@ -249,7 +255,7 @@ class Llama3Chat(HeaderChat):
 
     def segments(self, messages: Sequence[Message], add_generation_prompt: bool = True,
                  tools: Sequence[Mapping] | None = None) -> list[Segment]:
-        msgs = _check_messages(messages, self.roles if self.dated else ("system", "user", "assistant"))
+        msgs = check_messages(messages, self.roles if self.dated else ("system", "user", "assistant"))
         functions, builtin = split_tools(tools)
         if not self.dated and (functions or builtin or any("tool_calls" in m for m in msgs)):
             raise HerdError("the Llama 3.0 chat format (dated=False) has no tool calling")
@@ -264,7 +270,7 @@ class Llama3Chat(HeaderChat):
             if functions and pythonic:
                 head += pythonic_system_prompt(functions) + ("\n\n" if system else "")
             elif functions and not self.tools_in_user_message:
-                head += _JSON_TOOLS_SYSTEM + _tool_listing(functions)
+                head += json_tools_system(functions)
             out += self._turn("system", head + system)
             if functions and not pythonic and self.tools_in_user_message:
                 out += self._tools_in_user_message(msgs, functions)
@@ -305,7 +311,7 @@ class Llama4Chat(HeaderChat):
 
     def segments(self, messages: Sequence[Message], add_generation_prompt: bool = True,
                  tools: Sequence[Mapping] | None = None) -> list[Segment]:
-        msgs = _check_messages(messages, self.roles)
+        msgs = check_messages(messages, self.roles)
         functions, builtin = split_tools(tools)
         if builtin:
             raise HerdError(f"Llama 4 has no built-in tools ({', '.join(builtin)}); describe them as functions")
@@ -314,7 +320,7 @@ class Llama4Chat(HeaderChat):
             system = msgs.pop(0)["content"].strip()
             head = "Environment: ipython\n" if functions else ""
             if functions and not self.tools_in_user_message:
-                head += _JSON_TOOLS_SYSTEM + _tool_listing(functions)
+                head += json_tools_system(functions)
             out += self._turn("system", head + system)
         if functions and self.tools_in_user_message:
             out += self._tools_in_user_message(msgs, functions)
@@ -393,7 +399,7 @@ class JinjaChat(ChatFormat):
 
     def render(self, messages: Sequence[Message], add_generation_prompt: bool = True,
                tools: Sequence[Mapping] | None = None) -> str:
-        return self._render(_check_messages(messages, None), add_generation_prompt, tools)
+        return self._render(check_messages(messages, None), add_generation_prompt, tools)
 
     def _render(self, messages: list, add_generation_prompt: bool, tools: Sequence[Mapping] | None) -> str:
         functions, builtin = split_tools(tools)
@@ -426,7 +432,7 @@ class JinjaChat(ChatFormat):
 
         For a SentencePiece vocabulary each cut adds a dummy-prefix space, so the ids of such
         content differ slightly from encoding the rendered text; they remain plain text."""
-        msgs = _check_messages(messages, None)
+        msgs = check_messages(messages, None)
         specials = tokenizer.special_tokens
         if not specials:
             ids = tokenizer.encode(self._render(msgs, add_generation_prompt, tools), special=True)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from herd.errors import HerdError
 from herd.tokenizer.base import Tokenizer
-from herd.tokenizer.chat import Message, MarkupChat, Segment, _check_messages
+from herd.tokenizer.chat import Message, MarkupChat, Segment, check_messages
 
 # The MLCommons hazard taxonomy as Llama Guard 3 names it.
 HAZARD_CATEGORIES = {
@@ -71,7 +71,7 @@ class LlamaGuard3(MarkupChat):
                  tools: Sequence[Mapping] | None = None) -> list[Segment]:
         if tools is not None:
             raise HerdError("Llama Guard classifies conversations; it takes no tools")
-        turns = [m for m in _check_messages(messages, ("system", "user", "assistant")) if m["role"] != "system"]
+        turns = [m for m in check_messages(messages, ("system", "user", "assistant")) if m["role"] != "system"]
         if not turns:
             raise HerdError("Llama Guard needs a user message to classify")
         for i, m in enumerate(turns):
