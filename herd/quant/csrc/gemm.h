@@ -18,12 +18,6 @@
 #define PR 16
 #define PT 6
 
-/* y[c * N + r] = part[c][r] (+= when `add`) for r < R and c < C: a micro-tile's sums */
-INLINE void store_part(float part[PT][PR], int C, int R, float *y, i64 N, int add) {
-    for (int c = 0; c < C; c++)
-        for (int r = 0; r < R; r++) y[c * N + r] = add ? y[c * N + r] + part[c][r] : part[c][r];
-}
-
 #ifdef HERD_AVX2
 #include "avx2/gemm.h"
 #else

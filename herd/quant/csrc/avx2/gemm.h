@@ -94,5 +94,7 @@ INLINE void micro(const float *panel, i64 kc, const float *xp, int C, int R, flo
             _mm256_storeu_ps(part[c] + 8, acc[c][1]);
         }
     }
-    if (R < PR) store_part(part, C, R, y, N, add); /* a last panel of fewer rows */
+    if (R == PR) return;
+    for (int c = 0; c < C; c++) /* a last panel of fewer rows */
+        for (int r = 0; r < R; r++) y[c * N + r] = add ? y[c * N + r] + part[c][r] : part[c][r];
 }

@@ -32,21 +32,6 @@ INLINE float dot(const float *a, const float *b, i64 n) {
     return total;
 }
 
-/* comb[b] = s[b / bpg] * xd[b] for the nb blocks of one row and one token */
-INLINE void block_multipliers(const void *s, int s16, i64 bpg, i64 nb, const float *xd, float *comb) {
-    for (i64 gi = 0, b = 0; b < nb; gi++) {
-        float sg = scale_at(s, s16, gi);
-        for (i64 j = 0; j < bpg; j++, b++) comb[b] = sg * xd[b];
-    }
-}
-
-/* sum over i < n of s[i] * v[i] */
-INLINE float scaled_sum(const void *s, int s16, i64 n, const float *v) {
-    float total = 0.0f;
-    for (i64 i = 0; i < n; i++) total += scale_at(s, s16, i) * v[i];
-    return total;
-}
-
 INLINE void cpu_relax(void) {}
 
 INLINE unsigned denormals_off(void) { return 0; }

@@ -33,5 +33,6 @@ INLINE void micro(const float *panel, i64 kc, const float *xp, int C, int R, flo
             part[c][r] = 0.0f;
             for (i64 k = 0; k < kc; k++) part[c][r] += panel[k * PR + r] * xp[k * PT + c];
         }
-    store_part(part, C, R, y, N, add);
+    for (int c = 0; c < C; c++)
+        for (int r = 0; r < R; r++) y[c * N + r] = add ? y[c * N + r] + part[c][r] : part[c][r];
 }
