@@ -187,12 +187,8 @@ def held(headers: dict[str, tuple[Path, tuple[int, ...]]]) -> tuple[int, int]:
     return len(headers), sum(math.prod(shape) for _, shape in headers.values())
 
 
-def load_hf(path: Path, dtype: torch.dtype | None = None, tokenizer: bool = True) -> Checkpoint:
-    hf = read_json(path / "config.json")
-    if hf.get("model_type") in ("llama4", "llama4_text"):
-        from herd.checkpoint.hf_llama4 import load_hf_llama4
-
-        return load_hf_llama4(path, hf, dtype, tokenizer)
+def load_hf(path: Path, hf: dict, dtype: torch.dtype | None = None, tokenizer: bool = True) -> Checkpoint:
+    """A Llama 1-3 HF directory whose config.json holds `hf`."""
     cfg = config_from_hf(path, hf)
     headers = {name: h for name, h in tensor_headers(weight_files(path)).items()
                if not name.endswith("rotary_emb.inv_freq")}  # recomputed; old checkpoints saved it

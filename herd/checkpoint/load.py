@@ -7,11 +7,12 @@ from pathlib import Path
 
 import torch
 
-from herd.checkpoint.base import Checkpoint, check_dtype
+from herd.checkpoint.base import Checkpoint, check_dtype, read_json
 from herd.checkpoint.gguf_file import MAGIC as GGUF_MAGIC
 from herd.checkpoint.gguf_file import load_gguf
 from herd.checkpoint.gguf_packed import load_gguf_packed
 from herd.checkpoint.hf import load_hf
+from herd.checkpoint.hf_llama4 import load_hf_llama4
 from herd.checkpoint.llama2c import is_versioned_export, load_llama2c, read_header
 from herd.checkpoint.meta import load_meta
 from herd.checkpoint.packed import is_packed_dir, load_packed
@@ -20,8 +21,17 @@ from herd.model.transformer import Transformer
 from herd.quant import forward
 from herd.quant.quantize import quantize
 
-_LOADERS = {"hf": load_hf, "meta": load_meta, "llama2c": load_llama2c, "gguf": load_gguf}
 SCHEMES = {"int8": 8, "int4": 4}
+
+
+def _load_hf_dir(path: Path, dtype: torch.dtype | None, tokenizer: bool) -> Checkpoint:
+    """An HF directory, in Llama 4's layout or in Llama 1-3's, as its config.json says."""
+    hf = read_json(path / "config.json")
+    load = load_hf_llama4 if hf.get("model_type") in ("llama4", "llama4_text") else load_hf
+    return load(path, hf, dtype, tokenizer)
+
+
+_LOADERS = {"hf": _load_hf_dir, "meta": load_meta, "llama2c": load_llama2c, "gguf": load_gguf}
 
 
 def detect_format(path: str | Path) -> str:
