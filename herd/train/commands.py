@@ -12,7 +12,7 @@ import dataclasses
 import os
 from typing import Any
 
-from herd.cli import COUNT, FRACTION, NATURAL, POSITIVE, device_arg
+from herd.cli_args import COUNT, FRACTION, NATURAL, POSITIVE, device_arg
 from herd.errors import HerdError
 
 # Defaults of the options that are not TrainConfig fields.
