@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
-import types
 
 import gguf
 import numpy as np
@@ -15,9 +13,12 @@ import torch
 from helpers import spread_init, tiny_config
 
 from herd.checkpoint import (
+    base,
     build_model,
     convert,
     detect_format,
+    gguf_file,
+    llama2c,
     load_checkpoint,
     read_gguf_metadata,
 )
@@ -315,10 +316,9 @@ def test_convert_hf_to_meta_carries_tokenizer_files(stories, tmp_path):
 @pytest.fixture
 def fake_tokenizer_package(monkeypatch):
     calls = []
-    fake = types.ModuleType("herd.tokenizer")
-    fake.load_tokenizer = lambda path: calls.append(("file", path)) or "file-tokenizer"
-    fake.tokenizer_from_gguf = lambda fields: calls.append(("gguf", fields)) or "gguf-tokenizer"
-    monkeypatch.setitem(sys.modules, "herd.tokenizer", fake)
+    for reader in (base, llama2c):
+        monkeypatch.setattr(reader, "load_tokenizer", lambda path: calls.append(("file", path)) or "file-tokenizer")
+    monkeypatch.setattr(gguf_file, "tokenizer_from_gguf", lambda fields: calls.append(("gguf", fields)) or "gguf-tokenizer")
     return calls
 
 

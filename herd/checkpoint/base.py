@@ -12,16 +12,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from herd.config import CONFIGS, ConfigError, ModelConfig
 from herd.errors import HerdError
 from herd.model.transformer import Transformer
-
-if TYPE_CHECKING:
-    from herd.tokenizer import Tokenizer
+from herd.tokenizer import Tokenizer, load_tokenizer
 
 # Files beside HF / Meta weights that describe the tokenizer, chat template and stop tokens.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
@@ -177,8 +175,6 @@ def directory_extras(directory: Path, tokenizer: bool) -> tuple[Tokenizer | None
     beside the weights (HF and Meta directories alike)."""
     tok = None
     if tokenizer and ((directory / "tokenizer.json").exists() or (directory / "tokenizer.model").exists()):
-        from herd.tokenizer import load_tokenizer
-
         tok = load_tokenizer(directory)
 
     template = None

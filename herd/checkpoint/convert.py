@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 
 from herd.checkpoint.base import copy_tokenizer_files, tokenizer_file
+from herd.checkpoint.gguf_file import read_gguf_metadata
+from herd.checkpoint.gguf_writer import TYPES, save_gguf, tokenizer_metadata
 from herd.checkpoint.hf import save_hf
 from herd.checkpoint.load import build_model, load_checkpoint
 from herd.checkpoint.meta import save_meta
@@ -51,9 +53,6 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, bits: int, group_size:
 
 
 def _to_gguf(src: Path, dst: Path, gguf_type: str) -> Path:
-    from herd.checkpoint.gguf_file import read_gguf_metadata
-    from herd.checkpoint.gguf_writer import TYPES, save_gguf, tokenizer_metadata
-
     if gguf_type not in TYPES:
         raise HerdError(f"unknown GGUF type {gguf_type!r}; use one of {', '.join(TYPES)}")
     if dst.exists():

@@ -22,6 +22,7 @@ from herd.checkpoint.base import Checkpoint, check_fits, check_shapes, make_conf
 from herd.config import MAX_CONTEXT, ModelConfig, RopeScaling
 from herd.errors import HerdError
 from herd.model.transformer import rope_frequencies
+from herd.tokenizer import tokenizer_from_gguf
 
 MAGIC = b"GGUF"
 
@@ -307,8 +308,6 @@ def gguf_extras(md: dict[str, Any], tokenizer: bool = True) -> tuple[Any, str | 
     """The embedded tokenizer (when asked for and present), chat template and end-of-sequence ids."""
     tok = None
     if tokenizer and "tokenizer.ggml.model" in md:
-        from herd.tokenizer import tokenizer_from_gguf
-
         tok = tokenizer_from_gguf(md)
     eos = {md[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
                            "tokenizer.ggml.eom_token_id") if isinstance(md.get(k), int)}

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType, GGUFValueType, GGUFWriter, LlamaFileType
 from gguf.quants import quantize
+from gguf.vocab import BpeVocab, SentencePieceVocab, SpecialVocab
 from tqdm import tqdm
 
 from herd.checkpoint.gguf_file import gguf_names
@@ -39,8 +40,6 @@ def tokenizer_metadata(source: Path, gguf_metadata: dict[str, Any] | None = None
     byte-level BPE tokenizer.json. Empty when there is none herd can describe."""
     if gguf_metadata is not None:
         return {k: v for k, v in gguf_metadata.items() if k.startswith("tokenizer.")}
-    from gguf.vocab import BpeVocab, SentencePieceVocab, SpecialVocab
-
     directory = source if source.is_dir() else source.parent
     with tempfile.TemporaryDirectory() as tmp:
         if source.is_file():  # gguf-py looks for the name tokenizer.model

@@ -14,6 +14,7 @@ import torch
 
 from herd.checkpoint.base import Checkpoint, check_state_dict, make_config, tokenizer_file, with_family
 from herd.errors import HerdError
+from herd.tokenizer import load_tokenizer
 
 HEADER_BYTES = 28
 _VERSIONED_MAGIC = 0x616B3432  # "ak42": llama2.c's later export versions, which add a header of their own
@@ -98,8 +99,6 @@ def load_llama2c(path: Path, dtype: torch.dtype | None = None, tokenizer: bool =
     tok = None
     tok_file = tokenizer_file(path, cfg.vocab_size)
     if tokenizer and tok_file is not None:
-        from herd.tokenizer import load_tokenizer
-
         tok = load_tokenizer(tok_file)
     return Checkpoint(cfg, state_dict, "llama2c", path, tok)
 
