@@ -26,10 +26,11 @@
  * -march=native) and declares the structs below again as ctypes Structures; the library exports
  * their layout (herd_layout, layout.c) and native.py refuses a library whose layout differs.
  *
- * The files: activations.c (int8 activations), tiles.h (a few weight rows against a few tokens),
- * linear.c (a layer's rows shared between threads; herd_linear), gemm.c (herd_matmul), forward.c
- * (herd_forward), threads.h (thread ids, the barrier). Each generic file X takes the code that
- * depends on the instruction set from avx2/X.h (AVX2 with FMA and F16C) or portable/X.h (plain C).
+ * The files: common.h (what every file uses), activations.c (int8 activations), tiles.h (a few
+ * weight rows against a few tokens), linear.c (a layer's rows shared between threads; herd_linear),
+ * gemm.c (herd_matmul), forward.c (herd_forward), threads.h and .c (thread ids, the barrier),
+ * layout.c (herd_layout). Each generic file X takes the code that depends on the instruction set
+ * from avx2/X.h (AVX2 with FMA and F16C) or portable/X.h (plain C).
  */
 #pragma once
 
