@@ -120,6 +120,11 @@ def test_guard_withholds_flagged_replies(parts):
         assert chunks[-1].choices[0].finish_reason == "content_filter"
         r = httpx.post(url + "/api/chat", json={"model": "chat", "messages": messages, "stream": False}, timeout=60)
         assert (r.json()["message"]["content"], r.json()["done_reason"]) == ("", "content_filter")
+        for stream in (False, True):  # completions too, streamed or not
+            reply = client.completions.create(model="chat", prompt="Hi", max_tokens=10, stream=stream)
+            chunks = list(reply) if stream else [reply]
+            assert "".join(c.choices[0].text for c in chunks if c.choices) == ""
+            assert chunks[-1].choices[0].finish_reason == "content_filter"
 
 
 def test_a_chat_of_system_messages_only_is_served_and_its_reply_judged(parts):

@@ -149,11 +149,11 @@ async def completions(body: CompletionRequest, http: Request, svc: ServiceDep):
     head = _head(svc, adapter, "cmpl", "text_completion")
     events = await svc.start(requests, http, body.stream)
     choice_prompts = [prompts[k // body.n] for k in range(len(requests))]
+    replies = screened(events, svc.moderator, [[{"role": "user", "content": p}] for p in choice_prompts])
     if body.stream:
         echoes = [p if body.echo else "" for p in choice_prompts]
-        return StreamingResponse(_until_shutdown(_completion_stream(svc, events, head, body, n_prompt, echoes)),
+        return StreamingResponse(_until_shutdown(_completion_stream(svc, replies, head, body, n_prompt, echoes)),
                                  media_type="text/event-stream")
-    replies = screened(events, svc.moderator, [[{"role": "user", "content": p}] for p in choice_prompts])
     return await _completion_reply(svc, replies, head, body, n_prompt, choice_prompts)
 
 
@@ -268,27 +268,29 @@ async def _chat_stream(svc: Service, replies, head, body: ChatCompletionRequest,
     yield "data: [DONE]\n\n"
 
 
-async def _completion_stream(svc, events, head, body: CompletionRequest, n_prompt, echoes):
+async def _completion_stream(svc: Service, replies, head, body: CompletionRequest, n_prompt, echoes):
+    """A completion's server-sent events. A reply held back for a guard shows no log-probabilities."""
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     extra = {"usage": None} if include_usage else {}
     completion = 0
+    held = svc.moderator is not None
     offsets = {i: len(echo) for i, echo in enumerate(echoes)}
     for i, echo in enumerate(echoes):
         if echo:
             yield sse({**head, "choices": [{"index": i, "text": echo, "logprobs": None, "finish_reason": None}],
                        **extra})
-    async for i, ev, _ in events:
-        if ev.finish_reason == "error":
-            yield sse_error(f"generation failed: {ev.error}")
-            break
-        completion += len(ev.tokens)
-        logprobs = None
-        if body.logprobs is not None and ev.logprobs:
-            logprobs = _completion_logprobs(svc, ev.logprobs, offsets.get(i, 0))
-            offsets[i] = offsets.get(i, 0) + sum(len(t) for t in logprobs["tokens"])
-        if ev.text or logprobs or ev.finish_reason:
-            yield sse({**head, "choices": [{"index": i, "text": ev.text, "logprobs": logprobs,
-                                            "finish_reason": ev.finish_reason}], **extra})
+    try:
+        async for i, ev, text, reason in replies:
+            completion += len(ev.tokens)
+            logprobs = None
+            if body.logprobs is not None and ev.logprobs and not held:
+                logprobs = _completion_logprobs(svc, ev.logprobs, offsets.get(i, 0))
+                offsets[i] = offsets.get(i, 0) + sum(len(t) for t in logprobs["tokens"])
+            if text or logprobs or reason:
+                yield sse({**head, "choices": [{"index": i, "text": text, "logprobs": logprobs,
+                                                "finish_reason": reason}], **extra})
+    except APIError as e:  # a failed generation, or a guard that failed
+        yield sse_error(e.message, e.code)
     if include_usage:
         yield sse({**head, "choices": [], "usage": usage(n_prompt, completion)})
     yield "data: [DONE]\n\n"
