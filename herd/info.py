@@ -14,7 +14,7 @@ def describe(model: str) -> str:
     if model == "list":
         return "\n".join(f"{name:26s} {_billions(cfg.num_params())}" for name, cfg in CONFIGS.items())
     if Path(model).exists():
-        from herd.checkpoint import load_checkpoint
+        from herd.checkpoint import load_checkpoint  # torch: not imported by `herd --help`, which imports this
 
         cfg = load_checkpoint(model, tokenizer=False).config
     else:

@@ -8,13 +8,15 @@ from pathlib import Path
 
 import torch
 
+from herd.checkpoint import load_model
 from herd.checkpoint.peft import load_adapters
 from herd.config import ModelConfig
 from herd.errors import HerdError
 from herd.generate import SamplingParams, Sequence, run_batch
 from herd.generate.speculative import make_drafter, speculative_decode
 from herd.model import Transformer
-from herd.tokenizer import ChatFormat, ChatReply, Tokenizer, parse_tool_calls
+from herd.store import resolve_model
+from herd.tokenizer import ChatFormat, ChatReply, Tokenizer, chat_format_for, load_tokenizer, parse_tool_calls
 from herd.tokenizer.guard import GuardVerdict, LlamaGuard3, parse_guard
 from herd.tokenizer.infill import infill_ids, infill_stop_ids
 
@@ -216,10 +218,6 @@ def load(model: str | Path | None = None, *, dtype: str | torch.dtype = "auto", 
     quantized directory) or a name in the model store; with no model, the built-in default (pulled
     on first use). quantize: None loads float weights in `dtype` (GGUF quants dequantized), "keep"
     keeps GGUF quants packed, "int8" / "int4" quantizes (group_size inputs per scale)."""
-    from herd.checkpoint import load_model
-    from herd.store import resolve_model
-    from herd.tokenizer import chat_format_for, load_tokenizer
-
     check_device(device)  # before a pull or a load that would fail on it
     path, name = resolve_model(model)
     net, ckpt = load_model(path, resolve_dtype(dtype, device), device, quantize, group_size)

@@ -26,6 +26,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from herd.errors import HerdError
 from herd.eval.scoring import score
 from herd.generate import SamplingParams, run_batch
+from herd.llm import load
 
 
 @register_model("herd")
@@ -35,11 +36,9 @@ class HerdLM(TemplateLM):
                  max_batch_size: int | None = None, llm=None):
         super().__init__()
         if llm is None:
-            import herd
-
             if device.startswith("cuda") and not torch.cuda.is_available():
                 device = "cpu"  # lm-eval's default device is cuda; its HF backend falls back the same way
-            llm = herd.load(pretrained, dtype=dtype, device=device, tokenizer=tokenizer)
+            llm = load(pretrained, dtype=dtype, device=device, tokenizer=tokenizer)
         self.llm = llm
         self.tok = llm.tokenizer
         self._batch_size = 8 if batch_size == "auto" else int(batch_size)
@@ -119,7 +118,7 @@ class HerdLM(TemplateLM):
 
 def main() -> None:
     """lm-eval's command line, with the herd backend registered."""
-    from lm_eval.__main__ import cli_evaluate
+    from lm_eval.__main__ import cli_evaluate  # the command line's module, not needed to register the backend
 
     sys.argv[0] = "herd-lm-eval"
     cli_evaluate()

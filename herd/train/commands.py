@@ -3,6 +3,9 @@
 Options come from three places, strongest first: the command line, a recipe file (`--config
 run.yaml|.toml`, a flat mapping of option names to values), the built-in defaults. So every
 option is parsed with default None and the defaults are applied after the recipe.
+
+`herd --help` builds these parsers, so each command imports its machinery (torch, the tokenizer
+trainer) when it runs, as herd.cli's commands do.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from typing import Any
 
 from herd.cli_args import COUNT, FRACTION, NATURAL, POSITIVE, device_arg
 from herd.errors import HerdError
+from herd.train.config import PARALLEL, PRECISIONS, TrainConfig, read_recipe
 
 # Defaults of the options that are not TrainConfig fields.
 _DEFAULTS: dict[str, Any] = {
@@ -27,8 +31,6 @@ _FINETUNE_DEFAULTS = {"steps": 100, "lr": 2e-4, "min_lr": 2e-5, "warmup": 10, "w
 
 
 def _train_options(p: argparse.ArgumentParser) -> None:
-    from herd.train.config import PARALLEL, PRECISIONS
-
     g = p.add_argument_group("training (defaults in brackets)")
     add = g.add_argument
     add("-o", "--out", help="run directory: checkpoints, metrics.jsonl, loss.png and the trained model")
@@ -65,8 +67,6 @@ def _train_options(p: argparse.ArgumentParser) -> None:
 
 def _merge(args: argparse.Namespace, parser: argparse.ArgumentParser, defaults: dict[str, Any]) -> dict[str, Any]:
     """Command line over recipe over defaults."""
-    from herd.train.config import read_recipe
-
     known = {a.dest for a in parser._actions} - {"help", "config", "func"}
     recipe = read_recipe(args.config) if args.config else {}
     unknown = sorted(set(recipe) - known)
@@ -77,8 +77,6 @@ def _merge(args: argparse.Namespace, parser: argparse.ArgumentParser, defaults: 
 
 
 def _train_config(opts: dict[str, Any]):
-    from herd.train.config import TrainConfig
-
     if not opts.get("out"):
         raise HerdError("no run directory: give --out (or `out` in the recipe)")
     fields = {f.name for f in dataclasses.fields(TrainConfig)}

@@ -58,7 +58,7 @@ def wrap(model: nn.Module, parallel: str, d: Dist) -> nn.Module:
     if parallel == "ddp":
         return DistributedDataParallel(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
     if parallel == "fsdp":
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import fully_shard  # only under fsdp
 
         for block in model.layers:
             fully_shard(block)

@@ -30,7 +30,7 @@ def read_metrics(path: Path) -> list[dict]:
 
 def plot_losses(metrics: Path, png: Path, title: str = "") -> Path:
     """Training loss (and validation loss where measured) against step, as a PNG."""
-    import matplotlib
+    import matplotlib  # slow to import; only the plot needs it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

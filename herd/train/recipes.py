@@ -22,8 +22,11 @@ from herd.checkpoint import build_model, load_checkpoint, save_hf
 from herd.checkpoint.peft import load_adapter, save_adapter
 from herd.config import ModelConfig, get_config
 from herd.errors import HerdError
+from herd.llm import resolve_dtype
 from herd.model import Transformer
 from herd.model.lora import LoraConfig, adapters, add_adapter, merge_adapter
+from herd.quant.nf4 import quantize_linears_nf4
+from herd.store import resolve_model
 from herd.tokenizer import ChatFormat, Tokenizer, chat_format_for, load_tokenizer
 from herd.train import checkpointing
 from herd.train.config import TrainConfig
@@ -125,9 +128,6 @@ def pretrain(data: str | Path, cfg: TrainConfig, shape: dict | None = None, resu
 
 def load_base(model: str | Path | None, dtype: str, device: str, tokenizer: str | Path | None):
     """(path, checkpoint, tokenizer, chat format or None) of a base model to fine-tune."""
-    from herd.llm import resolve_dtype
-    from herd.store import resolve_model
-
     path, _ = resolve_model(None if model is None else str(model))
     ckpt = load_checkpoint(path, dtype=resolve_dtype(dtype, device))
     tok = load_tokenizer(tokenizer) if tokenizer is not None else ckpt.tokenizer
@@ -204,8 +204,6 @@ def _open_corpora(data: str | Path, val_data: str | Path | None, tok: Tokenizer,
 def _add_lora(model: Transformer, lora: LoraConfig, qlora: bool) -> None:
     """Wrap the model's linears in trainable adapters, over a 4-bit NF4 base with `qlora`."""
     if qlora:
-        from herd.quant.nf4 import quantize_linears_nf4
-
         quantize_linears_nf4(model)  # the classifier, tied to the embedding, stays as it is
         with torch.no_grad():  # own copies of the rest, so the file mapping of the weights is let go
             for p in model.parameters():
@@ -236,9 +234,6 @@ def _reference(model: Transformer, lora: bool):
 def load_merged(base: str | Path, adapter: str | Path, dtype: str = "auto") -> Transformer:
     """A plain model: `base` (full precision, whatever a QLoRA run trained against) with the
     PEFT adapter at `adapter` folded in."""
-    from herd.llm import resolve_dtype
-    from herd.store import resolve_model
-
     model = build_model(load_checkpoint(resolve_model(str(base))[0], resolve_dtype(dtype, "cpu"), tokenizer=False))
     load_adapter(model, adapter)
     return merge_adapter(model)

@@ -83,7 +83,7 @@ def peak_memory_mb(device: torch.device) -> float:
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
-    import resource
+    import resource  # Unix only
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -95,7 +95,7 @@ def compile_blocks(model: nn.Module, device: torch.device) -> None:
     On the CPU inductor writes C++ and builds it with the system's compiler."""
     if device.type == "cpu":
         try:
-            from torch._inductor.cpp_builder import get_cpp_compiler
+            from torch._inductor.cpp_builder import get_cpp_compiler  # inductor: only with --compile
 
             get_cpp_compiler()
         except Exception:
@@ -128,7 +128,7 @@ class Trainer:
         self.out = Path(cfg.out)
         model = run.model
         if cfg.activation_checkpointing:
-            from torch.distributed._composable import checkpoint
+            from torch.distributed._composable import checkpoint  # only with activation checkpointing
 
             for block in model.layers:
                 checkpoint(block)  # recompute each block's activations in backward; names unchanged
