@@ -20,7 +20,6 @@ from herd import __version__
 from herd.cli_args import COUNT, PORT, POSITIVE, bounded, device_arg
 from herd.errors import HerdError
 from herd.generate.params import SamplingParams
-from herd.info import describe
 from herd.store import DEFAULT_MODEL, list_models, pull, remove_model, store_dir
 from herd.train.commands import add_commands
 
@@ -281,6 +280,8 @@ def cmd_eval_choice(args: argparse.Namespace) -> None:
 
 
 def cmd_info(args: argparse.Namespace) -> None:
+    from herd.info import describe  # herd.config: 7 ms that `herd --help` need not spend
+
     print(describe(args.model))
 
 

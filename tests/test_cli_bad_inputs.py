@@ -206,6 +206,6 @@ def test_out_of_memory_is_one_line(error, home, capsys, monkeypatch):
     def describe(model):
         raise error()
 
-    monkeypatch.setattr("herd.cli.describe", describe)
+    monkeypatch.setattr("herd.info.describe", describe)
     code, err = herd_here(["info", "stories15m"], capsys)
     assert not problems(code, err, ["info"], must_name=("out of memory",))
