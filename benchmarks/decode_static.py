@@ -18,23 +18,10 @@ import traceback
 import torch
 import torch._inductor.config
 
+from herd.bench import bandwidth_gbs, streamed_bytes, transformers_config
 from herd.config import ModelConfig, get_config
 from herd.generate.static import StaticDecoder, greedy
 from herd.model import Transformer
-
-
-def copy_bandwidth(device: str, nbytes: int = 1 << 32) -> float:
-    """GB/s counting bytes read and written by a device copy, best of 10."""
-    src = torch.ones(nbytes // 2, dtype=torch.bfloat16, device=device)
-    dst = torch.empty_like(src)
-    best = float("inf")
-    for _ in range(10):
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        dst.copy_(src)
-        torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t)
-    return 2 * nbytes / best / 1e9
 
 
 def random_model(cfg: ModelConfig, dtype: torch.dtype, device: str) -> Transformer:
@@ -48,16 +35,6 @@ def random_model(cfg: ModelConfig, dtype: torch.dtype, device: str) -> Transform
     model.load_state_dict(state, assign=True)
     model.inv_freq = model.inv_freq.to(device)
     return model.eval().requires_grad_(False)
-
-
-def weight_bytes(model: Transformer) -> int:
-    """Bytes read per decoded token: every weight but the embedding table (a tied one counts once)."""
-    seen, total = set(), 0
-    for name, p in model.named_parameters():
-        if id(p) not in seen and name != "tok_embeddings.weight":
-            seen.add(id(p))
-            total += p.numel() * p.element_size()
-    return total
 
 
 def timed(fn, sync) -> float:
@@ -96,14 +73,10 @@ def static_decode(model: Transformer, prompts: list[list[int]], tokens: int, syn
 
 
 def transformers_decode(cfg: ModelConfig, prompt: torch.Tensor, tokens: int, dtype, sync) -> float:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    hf_cfg = LlamaConfig(hidden_size=cfg.dim, intermediate_size=cfg.hidden_dim, num_hidden_layers=cfg.n_layers,
-                         num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
-                         vocab_size=cfg.vocab_size, tie_word_embeddings=cfg.tie_embeddings,
-                         rope_theta=cfg.rope_theta, max_position_embeddings=4096)
     with torch.device(prompt.device):
-        hf = LlamaForCausalLM(hf_cfg).to(dtype).eval()
+        hf = LlamaForCausalLM(transformers_config(cfg)).to(dtype).eval()
     kw = dict(do_sample=False, pad_token_id=0)
     with torch.inference_mode():
         hf.generate(prompt, max_new_tokens=4, min_new_tokens=4, **kw)  # warm-up
@@ -159,7 +132,7 @@ def main() -> None:
             json.dump(results, f, indent=1)
 
     if cuda:
-        record("copy_GBps", lambda: copy_bandwidth(args.device))
+        record("copy_GBps", lambda: bandwidth_gbs(1 << 32, 10, args.device))
     skip = set(args.skip.split(","))
     if args.tune:
         torch._inductor.config.coordinate_descent_tuning = True
@@ -170,7 +143,7 @@ def main() -> None:
         cfg = get_config(shape)
         model = random_model(cfg, dtype, args.device)
         prompt = torch.randint(0, cfg.vocab_size, (1, args.prompt), device=args.device)
-        record(f"{shape}/weight_GB", lambda: weight_bytes(model) / 1e9)
+        record(f"{shape}/weight_GB", lambda: streamed_bytes(model) / 1e9)
         if "eager" not in skip:
             record(f"{shape}/eager", lambda: eager_decode(model, prompt, min(args.tokens, 32), sync))
         if "graph" not in skip:

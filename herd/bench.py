@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from herd.config import get_config
+from herd.config import ModelConfig, get_config
 from herd.errors import HerdError
 from herd.model import Transformer
 from herd.quant import quantize
@@ -31,14 +31,18 @@ FORMATS = ("f32", "f16", "bf16", "int8", "int4")
 GGUF_TYPES = {"f32": "f32", "f16": "f16", "bf16": "bf16", "int8": "q8_0", "int4": "q4_0"}
 
 
-def bandwidth_gbs(nbytes: int = 1 << 29, repeats: int = 5) -> float:
-    """Memory bandwidth in GB/s as bytes read + written by a large tensor copy (best of a few)."""
-    src = torch.ones(nbytes // 4)
+def bandwidth_gbs(nbytes: int = 1 << 29, repeats: int = 5, device: str = "cpu") -> float:
+    """Memory bandwidth in GB/s as bytes read + written by a large tensor copy on `device` (best
+    of a few)."""
+    src = torch.ones(nbytes // 4, device=device)
     dst = torch.empty_like(src)
+    sync = torch.cuda.synchronize if src.is_cuda else (lambda: None)
     best = float("inf")
     for _ in range(repeats):
+        sync()
         t = time.perf_counter()
         dst.copy_(src)
+        sync()
         best = min(best, time.perf_counter() - t)
     return 2 * nbytes / best / 1e9
 
@@ -107,19 +111,26 @@ def _herd_row(source: str, fmt: str, prompt: int, tokens: int, threads: int) -> 
     return dict(row, bytes=streamed_bytes(model), rss=_peak_rss_mb())
 
 
+def transformers_config(c: ModelConfig):
+    """transformers' LlamaConfig of the same shape as `c` (for speed: rope scaling is left out)."""
+    from transformers import LlamaConfig  # optional, and seconds to import
+
+    return LlamaConfig(
+        hidden_size=c.dim, intermediate_size=c.hidden_dim, num_hidden_layers=c.n_layers,
+        num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads, vocab_size=c.vocab_size,
+        rms_norm_eps=c.norm_eps, max_position_embeddings=c.max_seq_len, tie_word_embeddings=c.tie_embeddings,
+        rope_theta=c.rope_theta, attn_implementation="sdpa")
+
+
 def _transformers_row(config: str, fmt: str, prompt: int, tokens: int, threads: int) -> dict:
     """transformers' generate on random weights of the same shape (speed does not depend on the values)."""
-    from transformers import LlamaConfig, LlamaForCausalLM  # optional, and seconds to import
+    from transformers import LlamaForCausalLM  # optional, and seconds to import
     from transformers.generation.streamers import BaseStreamer
 
     torch.set_num_threads(threads)
     c = get_config(config)
     dtype = {"f16": torch.float16, "bf16": torch.bfloat16}.get(fmt, torch.float32)
-    hf = LlamaForCausalLM(LlamaConfig(
-        hidden_size=c.dim, intermediate_size=c.hidden_dim, num_hidden_layers=c.n_layers,
-        num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads, vocab_size=c.vocab_size,
-        rms_norm_eps=c.norm_eps, max_position_embeddings=c.max_seq_len, tie_word_embeddings=c.tie_embeddings,
-        rope_theta=c.rope_theta, attn_implementation="sdpa")).to(dtype).eval()
+    hf = LlamaForCausalLM(transformers_config(c)).to(dtype).eval()
     x = torch.randint(0, c.vocab_size, (1, prompt))
     best = float("inf")
     with torch.inference_mode():

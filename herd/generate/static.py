@@ -38,7 +38,7 @@ class StaticDecoder:
         self.model = model
         self.batch = bucket_for(rows)
         self.cache = model.new_cache(self.batch, max_seq_len)
-        device = self.cache.k.device
+        device = model.device
         self.tokens = torch.zeros(self.batch, 1, dtype=torch.long, device=device)
         self.positions = torch.zeros(self.batch, 1, dtype=torch.long, device=device)
         self.capture = device.type == "cuda" if capture is None else capture
