@@ -36,3 +36,8 @@ INLINE float bf2f(uint16_t h) {
 #else
 #include "portable/common.h"
 #endif
+
+/* a group's scale, stored as fp16 (s16) or fp32 */
+INLINE float scale_at(const void *s, int s16, i64 i) {
+    return s16 ? h2f(((const uint16_t *)s)[i]) : ((const float *)s)[i];
+}

@@ -4,10 +4,6 @@
 
 INLINE float h2f(uint16_t h) { return _cvtsh_ss(h); }
 
-INLINE float scale_at(const void *s, int s16, i64 i) {
-    return s16 ? h2f(((const uint16_t *)s)[i]) : ((const float *)s)[i];
-}
-
 INLINE float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));

@@ -17,10 +17,6 @@ INLINE float h2f(uint16_t h) {
     return f;
 }
 
-INLINE float scale_at(const void *s, int s16, i64 i) {
-    return s16 ? h2f(((const uint16_t *)s)[i]) : ((const float *)s)[i];
-}
-
 /* a weight at p as a float */
 #define LOAD_F32(p) (*(p))
 #define LOAD_F16(p) h2f(*(p))
