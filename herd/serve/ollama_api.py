@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import time
 from datetime import datetime, timezone
+from functools import cache
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
@@ -135,11 +136,17 @@ async def chat(body: OllamaChat, http: Request, svc: ServiceDep):
         "model": body.model, "created_at": _now(), "message": {"role": "assistant", "content": text}}, messages)
 
 
+@cache
+def _size(svc: Service) -> int:
+    """Bytes of the served weights, packed or not: summed once, not on every /api/tags."""
+    return sum(t.numel() * t.element_size() for t in svc.llm.model.state_dict().values())
+
+
 @router.get("/api/tags")
 async def tags(svc: ServiceDep):
-    size = sum(t.numel() * t.element_size() for t in svc.llm.model.state_dict().values())  # packed or not
-    return {"models": [{"name": name, "model": name, "modified_at": _now(), "size": size, "digest": "",
-                        "details": _details(svc)} for name in svc.models]}
+    details = _details(svc)
+    return {"models": [{"name": name, "model": name, "modified_at": _now(), "size": _size(svc), "digest": "",
+                        "details": details} for name in svc.models]}
 
 
 @router.post("/api/show", responses=responses(400, 404, 413, ollama=True))
