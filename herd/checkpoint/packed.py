@@ -109,8 +109,8 @@ def _take(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tens
     return {k.rsplit(".", 1)[1]: tensors.pop(k) for k in list(tensors) if k.rsplit(".", 1)[0] == prefix}
 
 
-def _read_packed(path: Path) -> tuple[ModelConfig, dict, Any, dict[str, torch.Tensor]]:
-    """(config, packed layers, packed embedding, tensors) of a herd quantized checkpoint."""
+def _read_packed(path: Path) -> tuple[dict, ModelConfig, dict, Any, dict[str, torch.Tensor]]:
+    """(manifest, config, packed layers, packed embedding, tensors) of a herd quantized checkpoint."""
     manifest = read_json(path / MANIFEST)
     try:
         cfg = with_family(make_config(path / MANIFEST, **manifest["config"]))
@@ -122,12 +122,11 @@ def _read_packed(path: Path) -> tuple[ModelConfig, dict, Any, dict[str, torch.Te
         raise HerdError(f"{path}: a tensor name in model.safetensors is not printable text")
     # int4 holds two weights a byte: no checkpoint holds more
     check_fits(path, cfg, len(tensors), 2 * sum(t.numel() * t.element_size() for t in tensors.values()))
-    return cfg, layers, embedding, tensors
+    return manifest, cfg, layers, embedding, tensors
 
 
 def load_packed(path: Path, tokenizer: bool = True) -> tuple[Transformer, Checkpoint]:
-    manifest = read_json(path / MANIFEST)
-    cfg, layers, embedding, tensors = _read_packed(path)
+    manifest, cfg, layers, embedding, tensors = _read_packed(path)
     with torch.device("meta"):
         model = Transformer(cfg)
     linears = {name for name, m in model.named_modules() if isinstance(m, nn.Linear)}
