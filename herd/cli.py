@@ -193,8 +193,6 @@ def cmd_chat(args: argparse.Namespace) -> None:
 def cmd_serve(args: argparse.Namespace) -> None:
     from herd.serve import api_key_from, listen, serve
 
-    if args.kv_memory is not None and args.kv_memory <= 0:
-        raise HerdError(f"--kv-memory must be > 0 GiB, got {args.kv_memory}")
     check_speculative_args(args)
     api_key = api_key_from(args.api_key, args.api_key_file)
     adapters = dict(_lora_spec(spec) for spec in args.lora or [])
