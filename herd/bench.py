@@ -21,6 +21,7 @@ import torch
 
 from herd.config import ModelConfig, get_config
 from herd.errors import HerdError
+from herd.info import checkpoint_path
 from herd.model import Transformer
 from herd.quant import quantize
 from herd.quant.forward import enable
@@ -198,10 +199,10 @@ def bench(source: str, formats: list[str], prompt: int = 128, tokens: int = 64, 
           transformers: bool = True, llama_cpp: bool = True) -> list[dict]:
     """One row per (engine, format): engine, format, prefill and decode tok/s, peak RSS (MB), and
     for herd the bytes streamed per token and decode / the bandwidth bound. `source` is a registered
-    config name (random weights) or a checkpoint path."""
-    random = not Path(source).exists()
-    if random:
-        get_config(source)  # a clear error for an unknown name
+    config name (random weights), a checkpoint path or a model in the store."""
+    path = checkpoint_path(source)
+    random = path is None
+    source = source if random else str(path)
     for fmt in formats:
         if fmt not in FORMATS + ("stored",) or (fmt == "stored" and random):
             raise HerdError(f"unknown format {fmt!r}; use {', '.join(FORMATS)}" + ("" if random else " or stored"))

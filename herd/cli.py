@@ -285,16 +285,18 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 def cmd_convert(args: argparse.Namespace) -> None:
     from herd.checkpoint import convert
+    from herd.store import resolve_model
 
     if args.type is not None and args.to != "gguf":
         raise HerdError("--type is for --to gguf")
-    convert(args.src, args.dst, to=args.to, gguf_type=args.type or "f16")
+    convert(resolve_model(args.src)[0], args.dst, to=args.to, gguf_type=args.type or "f16")
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
     from herd.checkpoint import quantize_checkpoint
+    from herd.store import resolve_model
 
-    print(quantize_checkpoint(args.src, args.dst, bits=args.bits, group_size=args.group_size,
+    print(quantize_checkpoint(resolve_model(args.src)[0], args.dst, bits=args.bits, group_size=args.group_size,
                               symmetric=args.symmetric))
 
 
@@ -418,7 +420,7 @@ def _add_eval(sub) -> None:
 def _add_info(sub) -> None:
     p = sub.add_parser("info", help="show a model's config, size and memory",
                        description="Print a config (a registered name or a checkpoint path), its parameter count and memory per dtype.")
-    p.add_argument("model", help="registered config name (see `herd info list`) or checkpoint path")
+    p.add_argument("model", help="checkpoint path, model in the store, or registered config name (see `herd info list`)")
     p.set_defaults(func=cmd_info)
 
 
@@ -426,7 +428,7 @@ def _add_convert(sub) -> None:
     p = sub.add_parser("convert", help="convert a checkpoint to another format",
                        description="Convert a checkpoint (any format herd reads) to a Hugging Face or Meta directory, "
                                    "or to a GGUF file that llama.cpp loads.")
-    p.add_argument("src")
+    p.add_argument("src", help="checkpoint path or model in the store")
     p.add_argument("dst")
     p.add_argument("--to", required=True, choices=["hf", "meta", "gguf"])
     p.add_argument("--type", choices=["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1"],
@@ -438,7 +440,7 @@ def _add_quantize(sub) -> None:
     p = sub.add_parser("quantize", help="quantize a checkpoint's weights to int8 or int4",
                        description="Quantize the weights of a checkpoint (any format herd reads) and write a herd "
                                    "quantized checkpoint directory (safetensors) that `-m DST` loads.")
-    p.add_argument("src")
+    p.add_argument("src", help="checkpoint path or model in the store")
     p.add_argument("dst")
     p.add_argument("--bits", type=int, required=True, choices=[8, 4])
     p.add_argument("--group-size", type=COUNT, help="inputs per scale (default: int8 one per row, int4 32)")
@@ -451,7 +453,8 @@ def _add_bench(sub) -> None:
                        description="Measure prefill and decode tok/s, peak memory and decode as a fraction of the "
                                    "memory-bandwidth limit, per weight format, beside transformers and llama.cpp "
                                    "(llama-bench on PATH) on the same weights.")
-    p.add_argument("model", help="a registered config name (random weights, e.g. stories110m) or a checkpoint path")
+    p.add_argument("model", help="a checkpoint path, a model in the store, or a registered config name (random "
+                                 "weights, e.g. stories110m)")
     p.add_argument("--formats", default="f32,bf16,int8,int4",
                    help="comma-separated: f32, f16, bf16, int8, int4 (and stored for a checkpoint); default: %(default)s")
     p.add_argument("--prompt", type=COUNT, default=128, help="prompt tokens for prefill (default: 128)")

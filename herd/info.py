@@ -2,24 +2,39 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from herd.config import CONFIGS, ModelConfig, get_config
+from herd.errors import HerdError
 
 # Bytes per weight of each storage format; the quantized ones include their scales.
 BYTES_PER_PARAM = {"float32": 4.0, "bfloat16/float16": 2.0, "int8 (per channel)": 1.0, "int4 (group 32)": 0.5 + 2 / 32}
 
 
+def checkpoint_path(model: str) -> Path | None:
+    """The checkpoint `model` names, as every command reads a model argument (a path, a model in
+    the store, a model that can be pulled), or None when it names a registered config instead
+    (`herd info` and `herd bench` take those too: a shape, with random weights)."""
+    if not os.path.exists(os.path.expanduser(model)) and model.lower() in CONFIGS:
+        return None
+    from herd.store import resolve_model  # tqdm: not imported by `herd --help`, which imports this
+
+    try:
+        return resolve_model(model)[0]
+    except HerdError as e:
+        raise HerdError(f"{e}; or name a registered config (`herd info list`)") from None
+
+
 def describe(model: str) -> str:
     if model == "list":
         return "\n".join(f"{name:26s} {_billions(cfg.num_params())}" for name, cfg in CONFIGS.items())
-    if Path(model).exists():
-        from herd.checkpoint import load_checkpoint  # torch: not imported by `herd --help`, which imports this
+    path = checkpoint_path(model)
+    if path is None:
+        return format_config(get_config(model))
+    from herd.checkpoint import read_config  # torch, as above
 
-        cfg = load_checkpoint(model, tokenizer=False).config
-    else:
-        cfg = get_config(model)
-    return format_config(cfg)
+    return format_config(read_config(path))
 
 
 def format_config(cfg: ModelConfig) -> str:

@@ -9,13 +9,14 @@ import torch
 
 from herd.checkpoint.base import Checkpoint, check_dtype, read_json
 from herd.checkpoint.gguf_file import MAGIC as GGUF_MAGIC
-from herd.checkpoint.gguf_file import load_gguf
+from herd.checkpoint.gguf_file import load_gguf, open_gguf
 from herd.checkpoint.gguf_packed import load_gguf_packed
 from herd.checkpoint.hf import load_hf
 from herd.checkpoint.hf_llama4 import load_hf_llama4
 from herd.checkpoint.llama2c import is_versioned_export, load_llama2c, read_header
 from herd.checkpoint.meta import load_meta
 from herd.checkpoint.packed import is_packed_dir, load_packed
+from herd.config import ModelConfig
 from herd.errors import HerdError
 from herd.model.transformer import Transformer
 from herd.quant import forward
@@ -71,6 +72,13 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype | None = None, tokenize
     check_dtype(dtype)
     path = Path(path)
     return _LOADERS[detect_format(path)](path, dtype, tokenizer)
+
+
+def read_config(path: str | Path) -> ModelConfig:
+    """A checkpoint's config; a GGUF's is read off its header, without dequantizing its tensors."""
+    if detect_format(path) == "gguf":
+        return open_gguf(Path(path))[1]
+    return load_checkpoint(path, tokenizer=False).config
 
 
 def build_model(ckpt: Checkpoint, device: torch.device | str = "cpu") -> Transformer:
