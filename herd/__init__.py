@@ -5,15 +5,10 @@
     llm.generate("Once upon a time", max_tokens=64, temperature=0.0)
 """
 
-import os
+from herd.errors import HerdError
+from herd.threads import apply_defaults
 
-# OpenMP threads (torch's and herd's kernels share one runtime) wait for the next parallel region
-# asleep rather than spinning: on a busy machine, with more runnable threads than cores, spinning
-# made a 2-thread decode step ~10x slower (50 ms -> 500+ ms measured). Read when torch is first
-# imported, so it only takes effect when herd is imported before torch, and never overrides the user.
-os.environ.setdefault("OMP_WAIT_POLICY", "passive")
-
-from herd.errors import HerdError  # noqa: E402
+apply_defaults()  # OpenMP's threads sleep between parallel regions (herd/threads.py says why); before torch
 
 __version__ = "0.1.0"
 __all__ = ["LLM", "HerdError", "load", "__version__"]

@@ -11,7 +11,7 @@ import herd
 
 # Lowest first. A module may import from its own layer or any layer below it.
 LAYERS = [
-    {"herd.errors", "herd.shared", "herd.config"},
+    {"herd.errors", "herd.shared", "herd.config", "herd.threads"},
     {"herd.model"},
     {"herd.quant"},  # packed layers and their kernels: what a loader builds models from
     {"herd.checkpoint", "herd.tokenizer", "herd.store"},

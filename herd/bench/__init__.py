@@ -8,11 +8,8 @@ bound. Each format runs in its own process, so each peak RSS is that format's al
 
 from __future__ import annotations
 
-import csv
 import multiprocessing
 import resource
-import shutil
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -20,6 +17,8 @@ from pathlib import Path
 import torch
 
 from herd.config import ModelConfig, get_config
+from herd.bench.machine import cpu_line
+from herd.bench.peers import llama_bench, llama_cpp_binary, transformers_kwargs, transformers_row
 from herd.errors import HerdError
 from herd.info import checkpoint_path
 from herd.model import Transformer
@@ -109,53 +108,23 @@ def _herd_row(source: str, fmt: str, prompt: int, tokens: int, threads: int) -> 
     torch.set_num_threads(threads)
     model = checkpoint_model(source, fmt) if Path(source).exists() else random_model(source, fmt)
     row = measure(model, prompt, tokens)
-    return dict(row, bytes=streamed_bytes(model), rss=_peak_rss_mb())
+    return dict(row, bytes=streamed_bytes(model), rss=_peak_rss_mb(), build=herd_build())
+
+
+def herd_build() -> str:
+    """herd's version, torch's, and which code computes packed weights."""
+    from herd import __version__
+    from herd.quant import native
+
+    kernels = "C kernels" if native.library() is not None else "torch code (no C kernels)"
+    return f"herd {__version__}, torch {torch.__version__}, {kernels}"
 
 
 def transformers_config(c: ModelConfig):
     """transformers' LlamaConfig of the same shape as `c` (for speed: rope scaling is left out)."""
     from transformers import LlamaConfig  # optional, and seconds to import
 
-    return LlamaConfig(
-        hidden_size=c.dim, intermediate_size=c.hidden_dim, num_hidden_layers=c.n_layers,
-        num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads, vocab_size=c.vocab_size,
-        rms_norm_eps=c.norm_eps, max_position_embeddings=c.max_seq_len, tie_word_embeddings=c.tie_embeddings,
-        rope_theta=c.rope_theta, attn_implementation="sdpa")
-
-
-def _transformers_row(config: str, fmt: str, prompt: int, tokens: int, threads: int) -> dict:
-    """transformers' generate on random weights of the same shape (speed does not depend on the values)."""
-    from transformers import LlamaForCausalLM  # optional, and seconds to import
-    from transformers.generation.streamers import BaseStreamer
-
-    torch.set_num_threads(threads)
-    c = get_config(config)
-    dtype = {"f16": torch.float16, "bf16": torch.bfloat16}.get(fmt, torch.float32)
-    hf = LlamaForCausalLM(transformers_config(c)).to(dtype).eval()
-    x = torch.randint(0, c.vocab_size, (1, prompt))
-    best = float("inf")
-    with torch.inference_mode():
-        for _ in range(3):
-            t = time.perf_counter()
-            hf(x, use_cache=True)
-            best = min(best, time.perf_counter() - t)
-
-    class Stamps(BaseStreamer):
-        def __init__(self):
-            self.times: list[float] = []
-
-        def put(self, value):
-            self.times.append(time.perf_counter())
-
-        def end(self):
-            pass
-
-    stamps = Stamps()
-    with torch.inference_mode():
-        hf.generate(x, max_new_tokens=tokens + 1, min_new_tokens=tokens + 1, do_sample=False, streamer=stamps,
-                    pad_token_id=0)
-    new = stamps.times[2:]  # the prompt, then the first token (prefill)
-    return {"prefill": prompt / best, "decode": (len(new) - 1) / (new[-1] - new[0]), "rss": _peak_rss_mb()}
+    return LlamaConfig(**transformers_kwargs(c))
 
 
 def _gguf_vocab(vocab_size: int) -> dict:
@@ -180,13 +149,10 @@ def _llama_cpp_row(source: str, fmt: str, prompt: int, tokens: int, threads: int
         model = random_model(source, "f32")
         save_gguf(model.config, model.state_dict(), out, GGUF_TYPES[fmt], tokenizer=_gguf_vocab(model.config.vocab_size))
         del model
-    result = subprocess.run(["llama-bench", "-m", str(out), "-t", str(threads), "-p", str(prompt), "-n", str(tokens),
-                             "-r", "2", "-o", "csv"], capture_output=True, text=True)
-    out.unlink()
-    if result.returncode != 0:
-        raise HerdError(f"llama-bench failed: {(result.stderr.strip().splitlines() or ['?'])[-1]}")
-    rows = list(csv.DictReader(result.stdout.strip().splitlines()))
-    return {("prefill" if int(r["n_prompt"]) else "decode"): float(r["avg_ts"]) for r in rows}
+    try:
+        return llama_bench(out, prompt, tokens, threads)
+    finally:
+        out.unlink()
 
 
 def _in_child(fn, *args):
@@ -211,24 +177,28 @@ def bench(source: str, formats: list[str], prompt: int = 128, tokens: int = 64, 
     torch.set_num_threads(threads)
     bw = bandwidth_gbs()
     rows = []
-    has_llama_cpp = llama_cpp and shutil.which("llama-bench") is not None
+    has_llama_cpp = llama_cpp and llama_cpp_binary("llama-bench") is not None
     with tempfile.TemporaryDirectory() as tmp:
         for fmt in formats:
             row = _in_child(_herd_row, source, fmt, prompt, tokens, threads)
             row.update(engine="herd", format=fmt, bound=bw * 1e9 / row["bytes"])
             rows.append(row)
             if transformers and random and fmt in ("f32", "f16", "bf16"):
-                rows.append(dict(_in_child(_transformers_row, source, fmt, prompt, tokens, threads),
+                dtype = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}[fmt]
+                rows.append(dict(transformers_row(get_config(source), dtype, prompt, tokens, threads),
                                  engine="transformers", format=fmt))
-            if has_llama_cpp and fmt != "stored":
+            if has_llama_cpp and fmt == "stored" and source.endswith(".gguf"):  # the very same file
+                rows.append(dict(llama_bench(Path(source), prompt, tokens, threads), engine="llama.cpp", format=fmt))
+            elif has_llama_cpp and fmt != "stored":
                 rows.append(dict(_llama_cpp_row(source, fmt, prompt, tokens, threads, Path(tmp)),
                                  engine="llama.cpp", format=GGUF_TYPES[fmt]))
     return [dict(r, bandwidth=bw) for r in rows]
 
 
 def report(rows: list[dict]) -> str:
-    """The rows as a table, with decode as a fraction of the bandwidth bound."""
-    lines = [f"memory bandwidth (copy, measured): {rows[0]['bandwidth']:.1f} GB/s",
+    """The machine (CPU, bandwidth), the rows as a table with decode as a fraction of the bandwidth
+    bound, herd's speed over llama.cpp's on the same weights, and each engine's build."""
+    lines = [cpu_line(), f"memory bandwidth (copy, measured): {rows[0]['bandwidth']:.1f} GB/s",
              f"{'engine':13s} {'format':7s} {'prefill tok/s':>13s} {'decode tok/s':>12s} {'MB/token':>9s} "
              f"{'of limit':>8s} {'peak RSS MB':>11s}"]
     for r in rows:
@@ -236,4 +206,11 @@ def report(rows: list[dict]) -> str:
         frac = f"{r['decode'] / r['bound']:8.2f}" if "bound" in r else f"{'':8s}"
         rss = f"{r['rss']:11.0f}" if "rss" in r else f"{'':11s}"
         lines.append(f"{r['engine']:13s} {r['format']:7s} {r['prefill']:13.1f} {r['decode']:12.1f} {mb} {frac} {rss}")
-    return "\n".join(lines)
+    peer = {r["format"]: r for r in rows if r["engine"] == "llama.cpp"}
+    for r in rows:
+        p = peer.get(GGUF_TYPES.get(r["format"], r["format"])) if r["engine"] == "herd" else None
+        if p is not None:
+            lines.append(f"herd / llama.cpp, {r['format']}: prefill {r['prefill'] / p['prefill']:.2f}x, "
+                         f"decode {r['decode'] / p['decode']:.2f}x")
+    builds = {r["engine"]: r["build"] for r in rows if "build" in r}
+    return "\n".join(lines + [f"{engine}: {build}" for engine, build in builds.items()])
