@@ -38,6 +38,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="quantize the weights on load; keep: run a GGUF's quants as they are (default: "
                         "dequantize them)")
     p.add_argument("--group-size", type=COUNT, help="inputs per scale with --quantize (default: int8 per row, int4 32)")
+    p.add_argument("--tp", type=COUNT, default=1, metavar="N",
+                   help="tensor parallel: run the model over N processes (started here, or the torchrun group)")
 
 
 def add_speculative_args(p: argparse.ArgumentParser) -> None:
@@ -81,7 +83,7 @@ def load_llm(args: argparse.Namespace):
     import herd
 
     return herd.load(args.model, dtype=args.dtype, device=args.device, tokenizer=args.tokenizer,
-                     quantize=args.quantize, group_size=args.group_size)
+                     quantize=args.quantize, group_size=args.group_size, tp=args.tp)
 
 
 def write(text: str) -> None:
@@ -196,6 +198,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     check_speculative_args(args)
     api_key = api_key_from(args.api_key, args.api_key_file)
     adapters = dict(_lora_spec(spec) for spec in args.lora or [])
+    if adapters and args.tp > 1:
+        raise HerdError("LoRA adapters are not supported with tensor parallelism (--tp)")
     with listen(args.host, args.port) as sock:  # before the model loads: a port in use fails at once
         llm = load_llm(args)
         llm.load_adapters(adapters)

@@ -40,6 +40,10 @@ class LLM:
     def load_adapters(self, paths: dict[str, str | Path]) -> None:
         """Load PEFT LoRA adapters (name -> directory) onto the model; none applies until a
         request names one (`Request.adapter` of the serving engine)."""
+        from herd.parallel import ShardedTransformer
+
+        if paths and isinstance(self.model, ShardedTransformer):
+            raise HerdError("LoRA adapters are not supported with tensor parallelism (--tp)")
         load_adapters(self.model, paths)
         self.adapters += list(paths)
 
@@ -213,14 +217,24 @@ def load_drafter(llm: LLM, draft: LLM | str | Path | None = None, lookup: bool =
 
 
 def load(model: str | Path | None = None, *, dtype: str | torch.dtype = "auto", device: str = "cpu",
-         tokenizer: str | Path | None = None, quantize: str | None = None, group_size: int | None = None) -> LLM:
+         tokenizer: str | Path | None = None, quantize: str | None = None, group_size: int | None = None,
+         tp: int = 1) -> LLM:
     """Load a model from a checkpoint path (HF directory, Meta directory, GGUF, llama2.c .bin, herd
     quantized directory) or a name in the model store; with no model, the built-in default (pulled
     on first use). quantize: None loads float weights in `dtype` (GGUF quants dequantized), "keep"
-    keeps GGUF quants packed, "int8" / "int4" quantizes (group_size inputs per scale)."""
+    keeps GGUF quants packed, "int8" / "int4" quantizes (group_size inputs per scale).
+    tp > 1: run the model over `tp` processes (herd.parallel), this one rank 0; under torchrun the
+    other ranks serve this one from inside this call and exit when it stops."""
     check_device(device)  # before a pull or a load that would fail on it
     path, name = resolve_model(model)
-    net, ckpt = load_model(path, resolve_dtype(dtype, device), device, quantize, group_size)
+    if tp > 1:
+        if quantize is not None:
+            raise HerdError("tensor parallelism runs float weights: --quantize cannot be combined with --tp")
+        from herd import parallel  # torch.distributed only when asked for
+
+        net, ckpt = parallel.load(path, tp, resolve_dtype(dtype, device), device)
+    else:
+        net, ckpt = load_model(path, resolve_dtype(dtype, device), device, quantize, group_size)
     tok = load_tokenizer(tokenizer) if tokenizer is not None else ckpt.tokenizer
     if tok is None:
         raise HerdError(f"{path}: no tokenizer found beside the weights; pass one with tokenizer=PATH (--tokenizer)")

@@ -15,6 +15,7 @@ LAYERS = [
     {"herd.model"},
     {"herd.quant"},  # packed layers and their kernels: what a loader builds models from
     {"herd.checkpoint", "herd.tokenizer", "herd.store"},
+    {"herd.parallel"},  # tensor parallelism: sharded layers, per-rank loading, the ranks' processes
     {"herd.generate"},
     {"herd.engine"},
     {"herd.llm"},

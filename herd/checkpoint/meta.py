@@ -45,7 +45,7 @@ def meta_ffn_params(dim: int, hidden_dim: int) -> tuple[int, float | None]:
     return hidden_dim, hidden_dim / int(2 * (4 * dim) / 3)
 
 
-def _load_pth(file: Path) -> dict[str, torch.Tensor]:
+def load_pth(file: Path) -> dict[str, torch.Tensor]:
     """A consolidated.NN.pth, memory-mapped; only the zip format can be, and weights_only=True
     lets its pickle build tensors and nothing else."""
     with open(file, "rb") as f:
@@ -87,7 +87,9 @@ def _check_records(file: Path, sd: dict[str, torch.Tensor]) -> None:
         raise HerdError(f"{file}: corrupt: its tensors' sizes do not match its data records")
 
 
-def _split_dim(name: str, shard: torch.Tensor, dim: int) -> int | None:
+def split_dim(name: str, shard: torch.Tensor, dim: int) -> int | None:
+    """The dimension along which Meta's model-parallel ranks split tensor `name` (None: every rank
+    holds all of it); `shard` is one rank's slice, `dim` the model width."""
     key = name.split(".", 2)[2] if name.startswith("layers.") else name
     if key == "tok_embeddings.weight":
         return 0 if shard.shape[1] == dim else 1
@@ -104,7 +106,7 @@ def _merge(path: Path, shards: list[dict[str, torch.Tensor]], dim: int) -> dict[
     merged = {}
     for name in list(shards[0]):
         parts = [shard.pop(name) for shard in shards]  # drop each slice once it is merged
-        d = _split_dim(name, parts[0], dim)
+        d = split_dim(name, parts[0], dim)
         try:
             merged[name] = parts[0] if d is None else torch.cat(parts, dim=d)
         except RuntimeError as e:
@@ -177,15 +179,21 @@ def config_from_params(path: Path, params: dict, state_dict: dict[str, torch.Ten
     return cfg
 
 
-def load_meta(path: Path, dtype: torch.dtype | None = None, tokenizer: bool = True) -> Checkpoint:
-    params = read_json(path / "params.json")
-    dim = _field(path / "params.json", params, "dim", int)
+def shard_files(path: Path) -> list[Path]:
+    """consolidated.00.pth, consolidated.01.pth, ...: one per model-parallel rank, numbered from 0."""
     files = sorted(path.glob("consolidated.*.pth"))
     wanted = [path / f"consolidated.{i:02d}.pth" for i in range(len(files))]
     if files != wanted:
         raise HerdError(f"{path}: model-parallel shards must be numbered from consolidated.00.pth up, "
                         f"found {', '.join(f.name for f in files)}")
-    state_dict = _merge(path, [_load_pth(f) for f in files], dim)  # mapped from the files, not read
+    return files
+
+
+def load_meta(path: Path, dtype: torch.dtype | None = None, tokenizer: bool = True) -> Checkpoint:
+    params = read_json(path / "params.json")
+    dim = _field(path / "params.json", params, "dim", int)
+    files = shard_files(path)
+    state_dict = _merge(path, [load_pth(f) for f in files], dim)  # mapped from the files, not read
     cfg = config_from_params(path, params, state_dict)
     check_fits(path, cfg, len(state_dict), sum(t.numel() for t in state_dict.values()))
     check_state_dict(path, cfg, state_dict)

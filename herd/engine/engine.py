@@ -139,7 +139,7 @@ class Engine:
         self.prefill_chunk = prefill_chunk
         self.prefill_budget = prefill_budget
         self.drafter, self.draft_tokens = drafter, draft_tokens
-        self.cache = SlotCache(cfg.n_layers, slots, cfg.n_kv_heads, ctx, cfg.head_dim, model.dtype, model.device)
+        self.cache = model.new_cache(slots, ctx, kind=SlotCache)  # a sharded model's holds its KV heads
         self.kv_bytes = per_slot * slots
         self.metrics = EngineMetrics()
         self._slot_prompt: list[list[int]] = [[] for _ in range(slots)]  # tokens whose KV a slot holds

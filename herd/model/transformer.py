@@ -162,11 +162,13 @@ class Transformer(nn.Module):
         """The activation dtype: the final norm's, since embeddings and linears may be packed."""
         return self.norm.weight.dtype
 
-    def new_cache(self, batch_size: int, max_seq_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
-        """A zeroed KV cache for `batch_size` sequences of up to `max_seq_len` tokens."""
+    def new_cache(self, batch_size: int, max_seq_len: int | None = None, dtype: torch.dtype | None = None,
+                  kind: type[KVCache] = KVCache) -> KVCache:
+        """A zeroed KV cache (a KVCache, or the engine's SlotCache) for `batch_size` sequences of up
+        to `max_seq_len` tokens."""
         cfg = self.config
-        return KVCache(cfg.n_layers, batch_size, cfg.n_kv_heads, max_seq_len or cfg.max_seq_len, cfg.head_dim,
-                       dtype=dtype or self.dtype, device=self.device)
+        return kind(cfg.n_layers, batch_size, cfg.n_kv_heads, max_seq_len or cfg.max_seq_len, cfg.head_dim,
+                    dtype=dtype or self.dtype, device=self.device)
 
     def forward(
         self,
