@@ -305,6 +305,14 @@ def cmd_quantize(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
+    if args.kernels:
+        from herd.bench.kernels import kernel_bench, kernel_report
+
+        isas = [None if isa == "default" else isa for isa in args.isa.split(",")]
+        print(kernel_report(kernel_bench(args.threads, isas)))
+        return
+    if args.model is None:
+        raise HerdError("herd bench needs a model (a path, a store name or a config name) or --kernels")
     from herd.bench import bench, report
 
     rows = bench(args.model, args.formats.split(","), prompt=args.prompt, tokens=args.tokens, threads=args.threads,
@@ -456,8 +464,9 @@ def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help="prefill and decode speed per weight format, against the memory limit",
                        description="Measure prefill and decode tok/s, peak memory and decode as a fraction of the "
                                    "memory-bandwidth limit, per weight format, beside transformers and llama.cpp "
-                                   "(llama-bench on PATH) on the same weights.")
-    p.add_argument("model", help="a checkpoint path, a model in the store, or a registered config name (random "
+                                   "(llama-bench on PATH) on the same weights; or, with --kernels, what each C "
+                                   "kernel reaches against the machine's measured peaks.")
+    p.add_argument("model", nargs="?", help="a checkpoint path, a model in the store, or a registered config name (random "
                                  "weights, e.g. stories110m)")
     p.add_argument("--formats", default="f32,bf16,int8,int4",
                    help="comma-separated: f32, f16, bf16, int8, int4 (and stored for a checkpoint); default: %(default)s")
@@ -466,6 +475,9 @@ def _add_bench(sub) -> None:
     p.add_argument("--threads", type=COUNT, default=2, help="default: 2")
     p.add_argument("--no-transformers", action="store_true", help="skip transformers")
     p.add_argument("--no-llama-cpp", action="store_true", help="skip llama-bench even when on PATH")
+    p.add_argument("--kernels", action="store_true", help="bench the C kernels per weight format instead of a model")
+    p.add_argument("--isa", default="default", help="with --kernels: comma-separated HERD_ISA values to run each "
+                   "in turn, e.g. generic,avx2,avx512 (default: herd's own choice)")
     p.set_defaults(func=cmd_bench)
 
 

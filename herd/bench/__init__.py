@@ -155,7 +155,7 @@ def _llama_cpp_row(source: str, fmt: str, prompt: int, tokens: int, threads: int
         out.unlink()
 
 
-def _in_child(fn, *args):
+def in_child(fn, *args):
     """fn(*args) in a fresh process (its own peak RSS, no memory left behind)."""
     with multiprocessing.get_context("spawn").Pool(1) as pool:
         return pool.apply(fn, args)
@@ -180,7 +180,7 @@ def bench(source: str, formats: list[str], prompt: int = 128, tokens: int = 64, 
     has_llama_cpp = llama_cpp and llama_cpp_binary("llama-bench") is not None
     with tempfile.TemporaryDirectory() as tmp:
         for fmt in formats:
-            row = _in_child(_herd_row, source, fmt, prompt, tokens, threads)
+            row = in_child(_herd_row, source, fmt, prompt, tokens, threads)
             row.update(engine="herd", format=fmt, bound=bw * 1e9 / row["bytes"])
             rows.append(row)
             if transformers and random and fmt in ("f32", "f16", "bf16"):
