@@ -19,8 +19,8 @@ from pathlib import Path
 from herd import __version__
 from herd.cli_args import COUNT, PORT, POSITIVE, bounded, device_arg
 from herd.errors import HerdError
-from herd.generate.params import SamplingParams
-from herd.store import DEFAULT_MODEL, list_models, pull, remove_model, store_dir
+from herd.generate.params import SamplingParams, make_params
+from herd.store import DEFAULT_MODEL, list_models, pull, remove_model, resolve_model, store_dir
 from herd.train.commands import add_commands
 
 
@@ -80,6 +80,7 @@ def sampling_options(args: argparse.Namespace) -> dict:
 
 
 def load_llm(args: argparse.Namespace):
+    resolve_model(args.model)  # a missing file or an unknown name fails before torch is imported
     import herd
 
     return herd.load(args.model, dtype=args.dtype, device=args.device, tokenizer=args.tokenizer,
@@ -131,8 +132,6 @@ def read_stdin(what: str) -> str:
 def cmd_generate(args: argparse.Namespace) -> None:
     prompt = args.prompt if args.prompt is not None else read_stdin("prompt")
     options = sampling_options(args)
-    from herd.llm import make_params
-
     make_params(options)  # reject bad options before loading the model
     check_speculative_args(args)
     llm = load_llm(args)
@@ -151,8 +150,6 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 def cmd_chat(args: argparse.Namespace) -> None:
     options = sampling_options(args)
-    from herd.llm import make_params
-
     make_params(options)
     llm = load_llm(args)
     interactive = sys.stdin.isatty()
@@ -223,8 +220,6 @@ def _lora_spec(spec: str) -> tuple[str, str]:
 
 def cmd_infill(args: argparse.Namespace) -> None:
     options = sampling_options(args)
-    from herd.llm import make_params
-
     make_params(options)
     if not args.prefix and not args.suffix:
         raise HerdError("give the code around the gap with --prefix and/or --suffix")
@@ -321,7 +316,11 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 
 def cmd_pull(args: argparse.Namespace) -> None:
-    print(pull(args.name, find_links=args.find_links))
+    path = pull(args.name, find_links=args.find_links)
+    from herd.checkpoint.cache import prepare
+
+    prepare(path)  # the packed form, so that the first load is as fast as the next ones
+    print(path)
 
 
 def cmd_list(args: argparse.Namespace) -> None:

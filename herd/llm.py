@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,15 +12,13 @@ from herd.checkpoint.peft import load_adapters
 from herd.config import ModelConfig
 from herd.errors import HerdError
 from herd.generate import SamplingParams, Sequence, run_batch
+from herd.generate.params import make_params
 from herd.generate.speculative import make_drafter, speculative_decode
 from herd.model import Transformer
 from herd.store import resolve_model
 from herd.tokenizer import ChatFormat, ChatReply, Tokenizer, chat_format_for, load_tokenizer, parse_tool_calls
 from herd.tokenizer.guard import GuardVerdict, LlamaGuard3, parse_guard
 from herd.tokenizer.infill import infill_ids, infill_stop_ids
-
-_PARAM_NAMES = {f.name for f in dataclasses.fields(SamplingParams)}
-
 
 class LLM:
     """A loaded model with its tokenizer and chat format."""
@@ -165,13 +162,6 @@ class LLM:
         if self.drafter is not None and len(seqs) == 1:
             return speculative_decode(self.model, seqs[0], self.drafter, self.draft_tokens)
         return run_batch(self.model, seqs)
-
-
-def make_params(options: dict) -> SamplingParams:
-    unknown = set(options) - _PARAM_NAMES
-    if unknown:
-        raise HerdError(f"unknown generation option(s): {', '.join(sorted(unknown))}")
-    return SamplingParams(**options)
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:

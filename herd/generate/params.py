@@ -3,6 +3,7 @@ builds its sampling flags from these fields (names, defaults, help) without impo
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -62,6 +63,15 @@ class SamplingParams:
         for ok, message in checks:
             if not ok:
                 raise HerdError(message)
+
+
+def make_params(options: dict) -> SamplingParams:
+    """SamplingParams from keyword options, refusing a name that is not a field (torch-free: the
+    command line checks its options with it before loading anything)."""
+    unknown = set(options) - {f.name for f in dataclasses.fields(SamplingParams)}
+    if unknown:
+        raise HerdError(f"unknown generation option(s): {', '.join(sorted(unknown))}")
+    return SamplingParams(**options)
 
 
 def _finite(x) -> bool:

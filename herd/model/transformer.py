@@ -139,7 +139,11 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
-        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        # Loaders build on the meta device and then assign the weights: there the embedding is left
+        # uninitialised, since normal_ on meta first imports torch's Python reference kernels (sympy,
+        # dynamo), seconds of every model load.
+        blank = torch.empty(cfg.vocab_size, cfg.dim) if torch.get_default_device().type == "meta" else None
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim, _weight=blank)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
