@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import weakref
 
-import jsonschema
 import llguidance
 import numpy as np
 import torch
@@ -71,6 +70,8 @@ def _ll_tokenizer(tokenizer: Tokenizer) -> llguidance.LLTokenizer:
 
 def check_json_schema(schema) -> None:
     """Raise HerdError unless `schema` is a JSON schema (a dict, valid under its metaschema)."""
+    import jsonschema  # 40 ms of import that requests without a schema need not spend
+
     if not isinstance(schema, dict):
         raise HerdError(f"json_schema must be a JSON object (a dict), got {type(schema).__name__}")
     try:

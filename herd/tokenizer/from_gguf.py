@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from sentencepiece import sentencepiece_model_pb2
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFBackend
 
@@ -68,7 +67,8 @@ def _sentencepiece_proto(fields: Mapping[str, Any], tokens: list[str], types: li
     scores = fields.get("tokenizer.ggml.scores")
     if not _list_of(scores, (int, float), len(tokens)):
         raise HerdError(f"{SOURCE}: a llama vocabulary needs tokenizer.ggml.scores, one per token")
-    pb = sentencepiece_model_pb2
+    from sentencepiece import sentencepiece_model_pb2 as pb  # protobuf: only for llama vocabularies
+
     model = pb.ModelProto()
     for text, score, kind in zip(tokens, scores, types):
         model.pieces.add(piece=text, score=float(score), type=kind)

@@ -6,8 +6,6 @@ from __future__ import annotations
 import re
 
 import sentencepiece
-from google.protobuf.message import DecodeError
-from sentencepiece import sentencepiece_model_pb2
 
 from herd.errors import HerdError
 from herd.tokenizer.base import Tokenizer
@@ -18,6 +16,10 @@ class SentencePieceTokenizer(Tokenizer):
     where it came from, for error messages."""
 
     def __init__(self, model: bytes, source: str, add_bos: bool | None = None, chat_template: str | None = None):
+        # protobuf's Python side: 0.1 s of import that models with other tokenizers need not spend
+        from google.protobuf.message import DecodeError
+        from sentencepiece import sentencepiece_model_pb2
+
         try:
             sentencepiece_model_pb2.ModelProto().ParseFromString(model)
         except DecodeError:
