@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from herd.checkpoint import load_model
+from herd.checkpoint import load_model, read_tokenizer
 from herd.checkpoint.peft import load_adapters
 from herd.config import ModelConfig
 from herd.errors import HerdError
@@ -16,7 +16,7 @@ from herd.generate.params import make_params
 from herd.generate.speculative import make_drafter, speculative_decode
 from herd.model import Transformer
 from herd.store import resolve_model
-from herd.tokenizer import ChatFormat, ChatReply, Tokenizer, chat_format_for, load_tokenizer, parse_tool_calls
+from herd.tokenizer import ChatFormat, ChatReply, Tokenizer, chat_format_for, parse_tool_calls
 from herd.tokenizer.guard import GuardVerdict, LlamaGuard3, parse_guard
 from herd.tokenizer.infill import infill_ids, infill_stop_ids
 
@@ -212,11 +212,14 @@ def load(model: str | Path | None = None, *, dtype: str | torch.dtype = "auto", 
     """Load a model from a checkpoint path (HF directory, Meta directory, GGUF, llama2.c .bin, herd
     quantized directory) or a name in the model store; with no model, the built-in default (pulled
     on first use). quantize: None loads float weights in `dtype` (GGUF quants dequantized), "keep"
-    keeps GGUF quants packed, "int8" / "int4" quantizes (group_size inputs per scale).
+    keeps GGUF quants packed, "int8" / "int4" quantizes (group_size inputs per scale). tokenizer:
+    one to use instead of the checkpoint's: a tokenizer file or directory, or a model (path or
+    store name) whose tokenizer to take, a GGUF's embedded vocabulary included.
     tp > 1: run the model over `tp` processes (herd.parallel), this one rank 0; under torchrun the
     other ranks serve this one from inside this call and exit when it stops."""
     check_device(device)  # before a pull or a load that would fail on it
     path, name = resolve_model(model)
+    tok = None if tokenizer is None else read_tokenizer(resolve_model(tokenizer)[0])  # before the weights
     if tp > 1:
         if quantize is not None:
             raise HerdError("tensor parallelism runs float weights: --quantize cannot be combined with --tp")
@@ -225,7 +228,7 @@ def load(model: str | Path | None = None, *, dtype: str | torch.dtype = "auto", 
         net, ckpt = parallel.load(path, tp, resolve_dtype(dtype, device), device)
     else:
         net, ckpt = load_model(path, resolve_dtype(dtype, device), device, quantize, group_size)
-    tok = load_tokenizer(tokenizer) if tokenizer is not None else ckpt.tokenizer
+    tok = tok if tok is not None else ckpt.tokenizer
     if tok is None:
         raise HerdError(f"{path}: no tokenizer found beside the weights; pass one with tokenizer=PATH (--tokenizer)")
     if tok.vocab_size > ckpt.config.vocab_size:

@@ -6,8 +6,8 @@ from herd.checkpoint.base import Checkpoint
 from herd.checkpoint.convert import convert, quantize_checkpoint
 from herd.checkpoint.gguf_file import read_gguf_metadata
 from herd.checkpoint.hf import save_hf
-from herd.checkpoint.load import build_model, detect_format, load_checkpoint, load_model, read_config
+from herd.checkpoint.load import build_model, detect_format, load_checkpoint, load_model, read_config, read_tokenizer
 from herd.checkpoint.meta import save_meta
 
 __all__ = ["Checkpoint", "build_model", "convert", "detect_format", "load_checkpoint", "load_model",
-           "quantize_checkpoint", "read_config", "read_gguf_metadata", "save_hf", "save_meta"]
+           "quantize_checkpoint", "read_config", "read_gguf_metadata", "read_tokenizer", "save_hf", "save_meta"]

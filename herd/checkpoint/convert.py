@@ -11,7 +11,7 @@ from herd.checkpoint.base import copy_tokenizer_files, tokenizer_file
 from herd.checkpoint.gguf_file import read_gguf_metadata
 from herd.checkpoint.gguf_writer import TYPES, save_gguf, tokenizer_metadata
 from herd.checkpoint.hf import save_hf
-from herd.checkpoint.load import build_model, load_checkpoint
+from herd.checkpoint.load import build_model, detect_format, load_checkpoint
 from herd.checkpoint.meta import save_meta
 from herd.checkpoint.packed import save_packed
 from herd.errors import HerdError
@@ -21,8 +21,10 @@ from herd.quant import quantize
 def convert(src: str | Path, dst: str | Path, to: str, dtype: torch.dtype | None = None,
             max_shard_bytes: int = 5 * 2**30, gguf_type: str = "f16") -> Path:
     """Write the checkpoint at `src` to the new directory `dst` in format `to` ("hf" or "meta"),
-    optionally cast to `dtype`, or to the GGUF file `dst` ("gguf", matrices in `gguf_type`, with
-    the vocabulary). A GGUF's embedded vocabulary is not exported to hf or meta."""
+    optionally cast to `dtype`, or to the GGUF file `dst` ("gguf", matrices in `gguf_type`). The
+    tokenizer goes along: its files are copied, or a GGUF's embedded vocabulary is written as
+    tokenizer files (tokenizer.json or tokenizer.model, and tokenizer_config.json with the special
+    tokens and chat template); a GGUF gets the `tokenizer.*` metadata."""
     if to not in ("hf", "meta", "gguf"):
         raise HerdError(f"cannot convert to {to!r}: the target format must be 'hf', 'meta' or 'gguf'")
     src, dst = Path(src), Path(dst)
@@ -30,14 +32,17 @@ def convert(src: str | Path, dst: str | Path, to: str, dtype: torch.dtype | None
         return _to_gguf(src, dst, gguf_type)
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise HerdError(f"{dst}: already exists and is not an empty directory")
-    ckpt = load_checkpoint(src, dtype, tokenizer=False)
+    ckpt = load_checkpoint(src, dtype, tokenizer=detect_format(src) == "gguf")
     if to == "hf":
         save_hf(ckpt.config, ckpt.state_dict, dst, eos_ids=ckpt.eos_ids, max_shard_bytes=max_shard_bytes,
                 progress=True)
     else:
         save_meta(ckpt.config, ckpt.state_dict, dst, progress=True)
 
-    copy_tokenizer_files(ckpt, dst)
+    if ckpt.tokenizer is not None:  # a GGUF's vocabulary; the other formats' tokenizers are files
+        ckpt.tokenizer.save(dst)
+    else:
+        copy_tokenizer_files(ckpt, dst)
     return dst
 
 

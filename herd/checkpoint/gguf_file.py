@@ -22,7 +22,7 @@ from herd.checkpoint.base import Checkpoint, check_fits, check_shapes, make_conf
 from herd.config import MAX_CONTEXT, ModelConfig, RopeScaling
 from herd.errors import HerdError
 from herd.model.transformer import rope_frequencies
-from herd.tokenizer import tokenizer_from_gguf
+from herd.tokenizer import Tokenizer, tokenizer_from_gguf
 
 MAGIC = b"GGUF"
 
@@ -191,6 +191,14 @@ class GGUFFile:
 def read_gguf_metadata(path: str | Path) -> dict[str, Any]:
     """The GGUF key/value metadata as plain Python values (str, int, float, bool, lists)."""
     return GGUFFile(path).metadata
+
+
+def gguf_tokenizer(path: Path) -> Tokenizer:
+    """The tokenizer a GGUF model file embeds."""
+    md = read_gguf_metadata(path)
+    if "tokenizer.ggml.model" not in md:
+        raise HerdError(f"{path}: this GGUF file holds no vocabulary (no tokenizer.ggml.model)")
+    return tokenizer_from_gguf(md)
 
 
 def _f32(x: float) -> float:

@@ -10,7 +10,7 @@ import torch
 from herd.checkpoint.base import Checkpoint, check_dtype, read_json
 from herd.checkpoint.cache import load_gguf_cached
 from herd.checkpoint.gguf_file import MAGIC as GGUF_MAGIC
-from herd.checkpoint.gguf_file import load_gguf, open_gguf
+from herd.checkpoint.gguf_file import gguf_tokenizer, load_gguf, open_gguf
 from herd.checkpoint.hf import load_hf
 from herd.checkpoint.hf_llama4 import load_hf_llama4
 from herd.checkpoint.llama2c import is_versioned_export, load_llama2c, read_header
@@ -21,6 +21,7 @@ from herd.errors import HerdError
 from herd.model.transformer import Transformer
 from herd.quant import forward
 from herd.quant.quantize import quantize
+from herd.tokenizer import Tokenizer, load_tokenizer
 
 SCHEMES = {"int8": 8, "int4": 4}
 
@@ -33,6 +34,11 @@ def _load_hf_dir(path: Path, dtype: torch.dtype | None, tokenizer: bool) -> Chec
 
 
 _LOADERS = {"hf": _load_hf_dir, "meta": load_meta, "llama2c": load_llama2c, "gguf": load_gguf}
+
+
+def _is_gguf(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == GGUF_MAGIC
 
 
 def detect_format(path: str | Path) -> str:
@@ -48,9 +54,7 @@ def detect_format(path: str | Path) -> str:
                         "or params.json with consolidated.*.pth)")
     if not path.is_file():
         raise HerdError(f"{path}: no such file or directory")
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic == GGUF_MAGIC:
+    if _is_gguf(path):
         return "gguf"
     if path.suffix == ".bin":
         if is_versioned_export(path):
@@ -72,6 +76,15 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype | None = None, tokenize
     check_dtype(dtype)
     path = Path(path)
     return _LOADERS[detect_format(path)](path, dtype, tokenizer)
+
+
+def read_tokenizer(path: str | Path) -> Tokenizer:
+    """The tokenizer at `path`: a tokenizer file or a directory holding one (what `load_tokenizer`
+    reads), or the vocabulary a GGUF model file embeds."""
+    path = Path(path)
+    if path.is_file() and _is_gguf(path):
+        return gguf_tokenizer(path)
+    return load_tokenizer(path)
 
 
 def read_config(path: str | Path) -> ModelConfig:

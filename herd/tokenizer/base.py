@@ -28,6 +28,9 @@ class Tokenizer(ABC):
     strings to their ids, which is what encoding a rendered chat template needs.
     """
 
+    # The transformers class that reads the saved vocabulary file as this back end does (None: none does)
+    hf_class: str | None = None
+
     def __init__(
         self,
         *,
@@ -56,14 +59,16 @@ class Tokenizer(ABC):
         """(file name, content) of the vocabulary file `load_tokenizer` reads back."""
 
     def save(self, directory: str | os.PathLike) -> Path:
-        """Write this tokenizer into `directory` as `load_tokenizer(directory)` reads it back:
-        the vocabulary file and a tokenizer_config.json naming BOS/EOS, the BOS flag and the
-        chat template (trained models and fine-tunes carry their tokenizer this way)."""
+        """Write this tokenizer into `directory` as `load_tokenizer(directory)` (and transformers'
+        AutoTokenizer) reads it back: the vocabulary file and a tokenizer_config.json naming the
+        tokenizer class, BOS/EOS, the BOS flag and the chat template (trained models, fine-tunes and
+        conversions from GGUF carry their tokenizer this way)."""
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         name, data = self._model_file()
         (out / name).write_bytes(data)
         config = {
+            **({"tokenizer_class": self.hf_class} if self.hf_class else {}),
             "bos_token": None if self._bos_id is None else self.decode([self._bos_id]),
             "eos_token": None if self._eos_id is None else self.decode([self._eos_id]),
             "add_bos_token": self._add_bos,

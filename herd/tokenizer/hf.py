@@ -16,6 +16,8 @@ class HFTokenizer(Tokenizer):
     """Wraps a `tokenizers.Tokenizer`; BOS/EOS are named by their text (as tokenizer_config.json
     names them). Its added tokens marked special are the special tokens."""
 
+    hf_class = "PreTrainedTokenizerFast"  # tokenizer.json as it is, whatever the model type
+
     def __init__(
         self,
         tokenizer: tokenizers.Tokenizer,

@@ -56,7 +56,8 @@ def _load_file(path: Path, config: dict[str, Any] | None) -> Tokenizer:
     if not data:
         raise HerdError(f"{path}: empty file")
     if data[:4] == b"GGUF":
-        raise HerdError(f"{path}: is a GGUF model; its tokenizer is built from its metadata (tokenizer_from_gguf)")
+        raise HerdError(f"{path}: a GGUF model file, not a tokenizer file; herd.load and --tokenizer read the "
+                        "vocabulary it embeds")
     if _is_json(data):
         return _load_hf(path, data, _read_config(path.parent) if config is None else config)
     config = config or {}

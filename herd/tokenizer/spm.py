@@ -15,6 +15,8 @@ class SentencePieceTokenizer(Tokenizer):
     """`model` is the serialized ModelProto (the bytes of a tokenizer.model); `source` names
     where it came from, for error messages."""
 
+    hf_class = "LlamaTokenizer"
+
     def __init__(self, model: bytes, source: str, add_bos: bool | None = None, chat_template: str | None = None):
         # protobuf's Python side: 0.1 s of import that models with other tokenizers need not spend
         from google.protobuf.message import DecodeError

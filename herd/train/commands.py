@@ -126,9 +126,10 @@ def cmd_prepare_data(args: argparse.Namespace) -> None:
 
         _, _, tok, fmt = load_base(args.model, "auto", "cpu", None)
     else:
-        from herd.tokenizer import chat_format_for, load_tokenizer
+        from herd.checkpoint import read_tokenizer
+        from herd.tokenizer import chat_format_for
 
-        tok = load_tokenizer(args.tokenizer)
+        tok = read_tokenizer(args.tokenizer)
         try:
             fmt = chat_format_for(tok)
         except HerdError:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from herd.checkpoint import build_model, load_checkpoint, save_hf
+from herd.checkpoint import build_model, load_checkpoint, read_tokenizer, save_hf
 from herd.checkpoint.peft import load_adapter, save_adapter
 from herd.config import ModelConfig, get_config
 from herd.errors import HerdError
@@ -130,7 +130,7 @@ def load_base(model: str | Path | None, dtype: str, device: str, tokenizer: str 
     """(path, checkpoint, tokenizer, chat format or None) of a base model to fine-tune."""
     path, _ = resolve_model(None if model is None else str(model))
     ckpt = load_checkpoint(path, dtype=resolve_dtype(dtype, device))
-    tok = load_tokenizer(tokenizer) if tokenizer is not None else ckpt.tokenizer
+    tok = read_tokenizer(tokenizer) if tokenizer is not None else ckpt.tokenizer
     if tok is None:
         raise HerdError(f"{path}: no tokenizer beside the weights; pass one with --tokenizer")
     if ckpt.chat_template and tok.chat_template is None:
