@@ -223,6 +223,9 @@ def cmd_infill(args: argparse.Namespace) -> None:
     make_params(options)
     if not args.prefix and not args.suffix:
         raise HerdError("give the code around the gap with --prefix and/or --suffix")
+    from herd.llm import check_model_for
+
+    check_model_for("infill", args.model, args.tokenizer)  # before the weights: most models cannot
     llm = load_llm(args)
     for piece in llm.stream_infill(args.prefix, args.suffix, suffix_first=args.suffix_first, **options):
         write(piece)
@@ -240,6 +243,10 @@ def cmd_guard(args: argparse.Namespace) -> None:
         except (OSError, json.JSONDecodeError) as e:
             raise HerdError(f"{args.categories}: cannot read a JSON category list ({e})") from None
     guard = LlamaGuard3(categories, args.exclude)
+    if not args.print_prompt:
+        from herd.llm import check_model_for
+
+        check_model_for("guard", args.model, args.tokenizer)  # before the weights: most models cannot
     text = args.text if args.text is not None else read_stdin("text to classify")
     messages = [{"role": "user", "content": text}]
     if args.response is not None:

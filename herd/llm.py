@@ -206,6 +206,39 @@ def load_drafter(llm: LLM, draft: LLM | str | Path | None = None, lookup: bool =
     return make_drafter(llm, draft, lookup)
 
 
+# Which kind of model each task needs and where one comes from (none is pullable into herd's store).
+_NEEDS = {
+    "infill": ("infill", "a Code Llama model (7B or 13B, base or Instruct), such as meta-llama/CodeLlama-7b-hf "
+                         "or a GGUF of it"),
+    "guard": ("classify messages", "a Llama Guard 3 model (1B or 8B), such as meta-llama/Llama-Guard-3-1B or a "
+                                   "GGUF of it"),
+}
+
+
+def check_model_for(task: str, model: str | Path | None = None, tokenizer: str | Path | None = None) -> None:
+    """Refuse a model that cannot do `task` ("infill" or "guard") from its vocabulary alone, before
+    a weight is read (loading the default model takes seconds), saying which kind of model can and
+    how to use one. A model whose tokenizer cannot be read on its own is left to the load."""
+    path, name = resolve_model(model)
+    if tokenizer is not None:
+        tok = read_tokenizer(resolve_model(tokenizer)[0])
+    else:
+        try:
+            tok = read_tokenizer(path)
+        except HerdError:
+            return
+    try:
+        if task == "infill":
+            infill_ids(tok, "", "")
+            infill_stop_ids(tok)
+        else:
+            LlamaGuard3().encode(tok, [{"role": "user", "content": "?"}])
+    except HerdError as e:
+        verb, needs = _NEEDS[task]
+        raise HerdError(f"{name} cannot {verb} ({e}); it takes {needs}: download one, then pass -m PATH, or "
+                        f"`herd import PATH NAME` it into the store once and pass -m NAME") from None
+
+
 def load(model: str | Path | None = None, *, dtype: str | torch.dtype = "auto", device: str = "cpu",
          tokenizer: str | Path | None = None, quantize: str | None = None, group_size: int | None = None,
          tp: int = 1) -> LLM:

@@ -48,3 +48,29 @@ def test_eval_takes_a_store_name(smollm2_gguf, tmp_path):
     ppl = herd("eval", "perplexity", str(text), "-m", STORE_NAME, "--context", "32")
     assert ppl.returncode == 0, ppl.stderr
     assert "perplexity" in ppl.stdout
+
+
+@pytest.mark.parametrize("args, kind", [(["infill", "--prefix", "def f("], "Code Llama"),
+                                        (["guard", "Is this safe?"], "Llama Guard 3")])
+def test_guard_and_infill_refuse_the_default_model_before_reading_its_weights(args, kind, smollm2_gguf,
+                                                                             monkeypatch, capsys):
+    from herd.cli import main
+
+    def no_weights(*_, **__):
+        raise AssertionError("the weights were read")
+
+    monkeypatch.setattr("herd.llm.load_model", no_weights)
+    code = main(args)  # the default model, which can do neither
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"{STORE_NAME} cannot" in err and kind in err and "herd import" in err
+
+
+def test_the_vocabulary_check_passes_the_kind_of_model_it_asks_for(shared, smollm2_gguf):
+    from herd.errors import HerdError
+    from herd.llm import check_model_for
+
+    llama3 = shared("tokenizers", "llama3", "tokenizer.model")
+    check_model_for("guard", shared("models", "stories260K", "stories260K.bin"), tokenizer=llama3)
+    with pytest.raises(HerdError, match="cannot infill"):
+        check_model_for("infill", STORE_NAME, tokenizer=llama3)
