@@ -15,6 +15,7 @@ import herd
 from herd.engine import EngineStopped
 from herd.errors import HerdError
 from herd.generate import SamplingParams
+from herd.generate.json_bounds import json_object
 from herd.serve.errors import APIError, from_herd_error, responses
 from herd.serve.moderation import screened
 from herd.serve.schemas import OllamaChat, OllamaGenerate, OllamaOptions, OllamaShow
@@ -44,7 +45,7 @@ def _params(svc: Service, options: OllamaOptions | None, fmt, n_prompt: int) -> 
         raise APIError(400, f"the prompt is {n_prompt} tokens but the context is {ctx} tokens")
     room = ctx - n_prompt
     max_tokens = room if o.num_predict in (None, -1, -2) or o.num_predict == 0 else min(o.num_predict, room)
-    schema = {"type": "object"} if fmt == "json" else fmt
+    schema = json_object() if fmt == "json" else fmt
     return sampling_params(
         max_tokens=max_tokens, temperature=0.8 if o.temperature is None else o.temperature,
         top_k=40 if o.top_k is None else o.top_k, top_p=0.9 if o.top_p is None else o.top_p,

@@ -13,6 +13,7 @@ from fastapi.responses import StreamingResponse
 
 from herd.engine import EngineStopped
 from herd.errors import HerdError
+from herd.generate.json_bounds import json_object
 from herd.serve.errors import APIError, from_herd_error, responses
 from herd.serve.moderation import screened
 from herd.serve.schemas import ChatCompletionRequest, CompletionRequest, ResponseFormat, Sampling
@@ -24,7 +25,7 @@ def json_schema_of(fmt: ResponseFormat | None) -> dict | None:
     if fmt is None or fmt.type == "text":
         return None
     if fmt.type == "json_object":
-        return {"type": "object"}
+        return json_object()
     if fmt.json_schema is None or fmt.json_schema.schema_ is None:
         raise APIError(400, "response_format.json_schema.schema is required for type json_schema",
                        param="response_format.json_schema.schema")

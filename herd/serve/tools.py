@@ -9,6 +9,7 @@ constrained decoding makes the reply a JSON call {"name", "parameters"} matching
 
 from __future__ import annotations
 
+from herd.generate.json_bounds import closed, rebased
 from herd.tokenizer import JinjaChat, Llama3Chat, Llama4Chat, parse_tool_calls
 from herd.tokenizer.chat import json_tools_system
 from herd.tokenizer.tools import json_call, normalize_tool_calls
@@ -46,15 +47,18 @@ def _as_text(m: dict, index: int, keep_tool_role: bool) -> dict:
 
 
 def call_schema(functions: list[dict]) -> dict:
-    """JSON schema of one call to any of `functions` ({"name", "parameters"} dicts)."""
-    options = [{
-        "type": "object",
-        "properties": {"name": {"const": f["name"]},
-                       "parameters": f.get("parameters") or {"type": "object", "properties": {}}},
-        "required": ["name", "parameters"],
-        "additionalProperties": False,
-    } for f in functions]
-    return options[0] if len(options) == 1 else {"anyOf": options}
+    """JSON schema of one call to any of `functions` ({"name", "parameters"} dicts). Each one's
+    parameters sit in $defs, their own references ("#/...") rebased there, and the whole is
+    closed (json_bounds.closed): only the declared parameters, so the model can finish the call."""
+    defs, options = {}, []
+    for f in functions:
+        where = f"params-{f['name']}"
+        defs[where] = rebased(f.get("parameters") or {"type": "object", "properties": {}}, f"#/$defs/{where}")
+        options.append({"type": "object",
+                        "properties": {"name": {"const": f["name"]}, "parameters": {"$ref": f"#/$defs/{where}"}},
+                        "required": ["name", "parameters"], "additionalProperties": False})
+    schema = options[0] if len(options) == 1 else {"anyOf": options}
+    return closed({**schema, "$defs": defs})
 
 
 def read_reply(text: str, functions: list[dict]) -> tuple[str | None, list[dict]]:
