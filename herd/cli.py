@@ -207,7 +207,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
             guard = herd.load(args.guard, dtype=args.dtype, device=args.device)
         serve(llm, guard=guard, sock=sock, host=args.host, api_key=api_key, max_batch=args.max_batch, ctx=args.ctx,
               max_queue=args.max_queue, drain_timeout=args.drain_timeout, draft=args.draft, lookup=args.lookup,
-              draft_tokens=args.draft_tokens,
+              draft_tokens=args.draft_tokens, max_tokens=args.max_tokens,
               kv_memory=None if args.kv_memory is None else int(args.kv_memory * 2**30))
 
 
@@ -381,6 +381,8 @@ def _add_serve(sub) -> None:
     p.add_argument("--ctx", type=COUNT, help="context per request in tokens (default: the model's, at most 4096)")
     p.add_argument("--kv-memory", type=POSITIVE, help="KV cache budget in GiB; fewer slots than --max-batch if needed")
     p.add_argument("--max-queue", type=COUNT, default=64, help="requests waiting for a slot before 429 (default: 64)")
+    p.add_argument("--max-tokens", type=COUNT, default=1024, metavar="N",
+                   help="tokens a reply may have when its request sets no max_tokens / num_predict (default: 1024)")
     p.add_argument("--lora", action="append", metavar="NAME=PATH",
                    help="serve a LoRA adapter (PEFT directory) as model NAME; repeatable")
     p.add_argument("--guard", metavar="MODEL", help="a Llama Guard 3 model that screens every request and reply")

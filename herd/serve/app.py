@@ -27,7 +27,7 @@ from herd.serve.moderation import Moderator
 from herd.serve.moderation import router as moderation_routes
 from herd.serve.ollama_api import router as ollama_routes
 from herd.serve.openai_api import router as openai_routes
-from herd.serve.service import Service
+from herd.serve.service import DEFAULT_MAX_TOKENS, Service
 
 OPEN_PATHS = {"/", "/health", "/favicon.ico", "/openapi.json", "/docs", "/redoc"}
 SHUTDOWN_GRACE = 10.0  # seconds past the drain for streams to send their last event
@@ -38,13 +38,14 @@ class MetricsText(Response):
 
 
 def create_app(engine: Engine, *, api_key: str | None = None, name: str | None = None,
-               max_body: int = 8 << 20, guard: Engine | None = None) -> FastAPI:
+               max_body: int = 8 << 20, guard: Engine | None = None, max_tokens: int = DEFAULT_MAX_TOKENS) -> FastAPI:
     """The app serving `engine`. `api_key`: every route but /, /health and the API docs needs
     "Authorization: Bearer KEY". Bodies over `max_body` bytes get 413. `guard`: an engine running
     a Llama Guard 3 model that screens every request and reply and answers /v1/moderations
     (without one, /v1/moderations asks the served model, which must then be a guard model).
-    On shutdown the engines are stopped (requests still running are cancelled)."""
-    svc = Service(engine, name)
+    `max_tokens`: a reply's limit when its request sets none. On shutdown the engines are stopped
+    (requests still running are cancelled)."""
+    svc = Service(engine, name, max_tokens=max_tokens)
     moderator = Moderator(guard or engine, (guard.llm.name or "guard") if guard else svc.name)
     svc.moderator = moderator if guard is not None else None
 
@@ -141,7 +142,7 @@ class BodyLimit:
 def serve(llm, *, host: str = "127.0.0.1", port: int = 8000, sock: socket.socket | None = None,
           api_key: str | None = None, max_batch: int = 8, ctx: int | None = None, kv_memory: int | None = None,
           max_queue: int = 64, drain_timeout: float = 30.0, guard=None, draft=None, lookup: bool = False,
-          draft_tokens: int = 5) -> None:
+          draft_tokens: int = 5, max_tokens: int = DEFAULT_MAX_TOKENS) -> None:
     """Run the server until interrupted, on `sock` (from `listen`, opened before the model was
     loaded) or else on host:port. On SIGINT/SIGTERM it stops accepting connections and lets
     running requests finish for up to `drain_timeout` seconds; then what still waits gets 503
@@ -155,7 +156,7 @@ def serve(llm, *, host: str = "127.0.0.1", port: int = 8000, sock: socket.socket
     engine = Engine(llm, max_batch=max_batch, ctx=ctx, kv_memory=kv_memory, max_queue=max_queue, drafter=drafter,
                     draft_tokens=draft_tokens)
     guard_engine = None if guard is None else Engine(guard, max_batch=2, max_queue=max_queue)
-    app = create_app(engine, api_key=api_key, guard=guard_engine)
+    app = create_app(engine, api_key=api_key, guard=guard_engine, max_tokens=max_tokens)
     speculative = ""
     if drafter is not None:
         speculative = f", drafts by {'prompt lookup' if lookup else getattr(draft, 'name', draft)}"

@@ -44,7 +44,10 @@ def _params(svc: Service, options: OllamaOptions | None, fmt, n_prompt: int) -> 
     if n_prompt >= ctx:
         raise APIError(400, f"the prompt is {n_prompt} tokens but the context is {ctx} tokens")
     room = ctx - n_prompt
-    max_tokens = room if o.num_predict in (None, -1, -2) or o.num_predict == 0 else min(o.num_predict, room)
+    if o.num_predict is None or o.num_predict == 0:  # unset: the server's default limit
+        max_tokens = min(svc.max_tokens, room)
+    else:  # -1: until the end token, -2: until the context is full; either way the room left
+        max_tokens = room if o.num_predict in (-1, -2) else min(o.num_predict, room)
     schema = json_object() if fmt == "json" else fmt
     return sampling_params(
         max_tokens=max_tokens, temperature=0.8 if o.temperature is None else o.temperature,

@@ -32,13 +32,13 @@ def json_schema_of(fmt: ResponseFormat | None) -> dict | None:
     return fmt.json_schema.schema_
 
 
-def params_for(body: Sampling, max_tokens: int | None, schema: dict | None, choice: int):
+def params_for(body: Sampling, max_tokens: int, schema: dict | None, choice: int):
     logit_bias = {int(key): bias for key, bias in (body.logit_bias or {}).items()}  # keys checked by the schema
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     if len(stop) > 4 or not all(stop):
         raise APIError(400, "stop: at most 4 non-empty strings", param="stop")
     return sampling_params(
-        max_tokens=max_tokens or 1 << 30, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
+        max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
         min_p=body.min_p, presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
         repetition_penalty=body.repetition_penalty, seed=None if body.seed is None else body.seed + choice,
         stop=stop, logit_bias=logit_bias, json_schema=schema)
@@ -113,8 +113,9 @@ async def chat_completions(body: ChatCompletionRequest, http: Request, svc: Serv
     try:
         ids = svc.chat_ids(messages, [{"type": "function", "function": f} for f in functions] or None)
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        requests = [svc.request(ids, params_for(body, body.max_completion_tokens or body.max_tokens, schema, i),
-                                chat=True, logprobs=logprobs, adapter=adapter) for i in range(body.n)]
+        limit = body.max_completion_tokens or body.max_tokens or svc.max_tokens
+        requests = [svc.request(ids, params_for(body, limit, schema, i), chat=True, logprobs=logprobs, adapter=adapter)
+                    for i in range(body.n)]
     except HerdError as e:
         raise from_herd_error(e) from None
     head = _head(svc, adapter, "chatcmpl", "chat.completion.chunk")
@@ -141,8 +142,8 @@ async def completions(body: CompletionRequest, http: Request, svc: ServiceDep):
         else:
             encoded = [svc.llm.encode(p) for p in prompts]
             stop = None
-        requests = [svc.request(ids, params_for(body, body.max_tokens, schema, i), chat=False, logprobs=body.logprobs,
-                                stop_ids=stop, adapter=adapter)
+        requests = [svc.request(ids, params_for(body, body.max_tokens or svc.max_tokens, schema, i), chat=False,
+                                logprobs=body.logprobs, stop_ids=stop, adapter=adapter)
                     for ids in encoded for i in range(body.n)]
     except HerdError as e:
         raise from_herd_error(e) from None

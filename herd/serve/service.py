@@ -18,9 +18,16 @@ from herd.serve.errors import APIError
 from herd.serve.tools import prompt_ids
 
 
+# Tokens a reply may have when its request sets no limit (`herd serve --max-tokens`): without one,
+# a small model that never says its end token runs until the context is full (SmolLM2: minutes).
+DEFAULT_MAX_TOKENS = 1024
+
+
 class Service:
-    def __init__(self, engine: Engine, name: str | None = None, moderator=None):
+    def __init__(self, engine: Engine, name: str | None = None, moderator=None,
+                 max_tokens: int = DEFAULT_MAX_TOKENS):
         self.engine = engine
+        self.max_tokens = max_tokens  # a reply's limit when its request gives none
         self.moderator = moderator  # a serve.moderation.Moderator screening requests and replies, or None
         self.llm = engine.llm
         self.name = name or self.llm.name or "herd"
