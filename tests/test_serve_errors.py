@@ -92,6 +92,9 @@ def test_bad_requests_of_every_kind_and_the_server_keeps_serving(server):
     r = post(server, "/api/generate", {"model": "s", "prompt": "hi"}, key=None)
     assert r.status_code == 401 and isinstance(r.json()["error"], str)
     assert httpx.get(server + "/health").status_code == 200
+    # the web chat's page and files load without the key, which the page then asks for
+    for path in ("/", "/static/chat.js", "/static/markdown.js", "/static/chat.css"):
+        assert httpx.get(server + path).status_code == 200, path
     r = post(server, "/v1/chat/completions", chat(temperature=0))
     assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"]
 

@@ -17,6 +17,7 @@ from importlib import resources
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
 
 from herd import __version__
 from herd.engine import Engine
@@ -30,6 +31,7 @@ from herd.serve.openai_api import router as openai_routes
 from herd.serve.service import DEFAULT_MAX_TOKENS, Service
 
 OPEN_PATHS = {"/", "/health", "/favicon.ico", "/openapi.json", "/docs", "/redoc"}
+STATIC = "/static/"  # the web chat's scripts and styles: open as / is
 SHUTDOWN_GRACE = 10.0  # seconds past the drain for streams to send their last event
 
 
@@ -64,7 +66,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, name: str | None =
     @app.middleware("http")
     async def check_key(request: Request, call_next):
         path = request.url.path
-        if key is not None and path not in OPEN_PATHS:
+        if key is not None and path not in OPEN_PATHS and not path.startswith(STATIC):
             given = request.headers.get("authorization", "")
             token = given[7:] if given.lower().startswith("bearer ") else ""
             if not hmac.compare_digest(token.encode(), key):
@@ -90,6 +92,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, name: str | None =
         return MetricsText(engine.metrics.render())
 
     page = resources.files("herd.serve").joinpath("static/index.html").read_text()
+    app.mount(STATIC.rstrip("/"), StaticFiles(packages=[("herd.serve", "static")]), name="static")
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index():
