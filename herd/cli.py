@@ -223,6 +223,7 @@ def cmd_infill(args: argparse.Namespace) -> None:
     make_params(options)
     if not args.prefix and not args.suffix:
         raise HerdError("give the code around the gap with --prefix and/or --suffix")
+    resolve_model(args.model)  # a missing file or an unknown name fails before torch is imported
     from herd.llm import check_model_for
 
     check_model_for("infill", args.model, args.tokenizer)  # before the weights: most models cannot
@@ -244,6 +245,7 @@ def cmd_guard(args: argparse.Namespace) -> None:
             raise HerdError(f"{args.categories}: cannot read a JSON category list ({e})") from None
     guard = LlamaGuard3(categories, args.exclude)
     if not args.print_prompt:
+        resolve_model(args.model)  # a missing file or an unknown name fails before torch is imported
         from herd.llm import check_model_for
 
         check_model_for("guard", args.model, args.tokenizer)  # before the weights: most models cannot
