@@ -168,7 +168,7 @@ def test_a_conversation_that_outgrows_the_context_leaves_out_its_oldest_turns(ur
 
 HOSTILE = ("# Title\n\nSome **bold**, *italic*, `<b>code</b>`, snake_case_name and a [link](https://example.com/a?b=1).\n\n"
            '<img src=x onerror="window.pwned=1">\n<script>window.pwned=2</script>\n\n'
-           '[click me](javascript:window.pwned=3) and <a href="javascript:window.pwned=4">x</a>\n\n'
+           '[click me](javascript:window.pwned=3), <a href="javascript:window.pwned=4">x</a>, see https://example.org/x.\n\n'
            "- one\n- two\n  - nested\n\n"
            '```html\n<script>window.pwned=5</script>\n<img src=x onerror="window.pwned=6">\n```\n\n'
            "| a | b |\n|---|---|\n| <i>1</i> | 2 |\n")
@@ -184,7 +184,8 @@ def check_hostile_reply(page):
     for shown in ('<img src=x onerror="window.pwned=1">', "<script>window.pwned=2</script>",
                   "[click me](javascript:window.pwned=3)", '<a href="javascript:window.pwned=4">x</a>', "snake_case_name"):
         assert shown in text
-    assert reply.locator("a").evaluate_all("as => as.map(a => a.href)") == ["https://example.com/a?b=1"]
+    assert reply.locator("a").evaluate_all("as => as.map(a => a.href)") == ["https://example.com/a?b=1",
+                                                                            "https://example.org/x"]
     assert reply.locator("h1").inner_text() == "Title" and reply.locator("strong").inner_text() == "bold"
     assert reply.locator("em").inner_text() == "italic" and reply.locator("p code").inner_text() == "<b>code</b>"
     assert reply.locator(":scope > div > ul > li").count() == 2 and reply.locator("ul ul li").inner_text() == "nested"

@@ -140,12 +140,12 @@ function safeUrl(href) {
   }
 }
 
-function link(parent, href, label) {
+function link(parent, href) {
   const a = parent.appendChild(el("a"));
   a.href = href;
   a.target = "_blank";
   a.rel = "noopener noreferrer nofollow";
-  inline(label, a);
+  return a;
 }
 
 function inline(s, parent) {
@@ -155,9 +155,9 @@ function inline(s, parent) {
     text(parent, s.slice(at, m.index));
     at = m.index + m[0].length;
     if (g.tick) parent.appendChild(el("code")).textContent = g.code;
-    else if (g.label && safeUrl(g.href)) link(parent, safeUrl(g.href), g.label);
+    else if (g.label && safeUrl(g.href)) inline(g.label, link(parent, safeUrl(g.href)));
     else if (g.label) text(parent, m[0]);
-    else if (g.url) link(parent, g.url, g.url);
+    else if (g.url) link(parent, g.url).textContent = g.url;
     else if (g.strong) inline(g.strongText, parent.appendChild(el("strong")));
     else if (g.del) inline(g.del, parent.appendChild(el("del")));
     else inline(g.em || g.em2, parent.appendChild(el("em")));
