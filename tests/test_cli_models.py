@@ -74,3 +74,80 @@ def test_the_vocabulary_check_passes_the_kind_of_model_it_asks_for(shared, smoll
     check_model_for("guard", shared("models", "stories260K", "stories260K.bin"), tokenizer=llama3)
     with pytest.raises(HerdError, match="cannot infill"):
         check_model_for("infill", STORE_NAME, tokenizer=llama3)
+
+
+def herd_in(home, *args, stdin: str | None = None, **env) -> subprocess.CompletedProcess:
+    """`herd ARGS` with its own model store in `home`."""
+    return herd(*args, stdin=stdin, env={"HERD_HOME": str(home), **env})
+
+
+def test_import_puts_a_gguf_file_and_a_directory_in_the_store(shared, tmp_path, monkeypatch, capsys):
+    from herd.checkpoint import convert
+    from herd.cli import main
+
+    def run(*args: str) -> str:
+        assert main(list(args)) == 0
+        return capsys.readouterr().out
+
+    gguf = shared("models", "stories260K", "stories260K.gguf")
+    r = herd_in(tmp_path, "import", str(gguf), "tiny")  # one real process; the rest in this one
+    assert r.returncode == 0, r.stderr
+    monkeypatch.setenv("HERD_HOME", str(tmp_path))
+    run("import", str(convert(gguf, tmp_path / "hf", to="hf")), "tiny-hf")
+    listed = run("list")
+    assert "tiny " in listed and "tiny-hf " in listed
+    expected = run("generate", "-m", str(gguf), "-t", "0", "-n", "30", "Once upon a time")
+    assert len(expected) > 40
+    for name in ("tiny", "tiny-hf"):
+        assert run("generate", "-m", name, "-t", "0", "-n", "30", "Once upon a time") == expected
+    assert "dim              64" in run("info", "tiny")
+
+
+@pytest.mark.parametrize("source, name, says", [
+    ("stories260K.gguf", "tiny", "already in the store"),
+    ("stories260K.gguf", "../escape", "not a model name"),
+    ("tok512.model", "junk", "unknown checkpoint format"),
+    ("stories260K.bin", "bin", "convert it"),
+    ("missing.gguf", "gone", "no such file"),
+])
+def test_import_refuses_in_one_line_and_leaves_the_store_as_it_was(source, name, says, shared, tmp_path,
+                                                                   monkeypatch, capsys):
+    from herd.cli import main
+
+    monkeypatch.setenv("HERD_HOME", str(tmp_path))
+    gguf = shared("models", "stories260K", "stories260K.gguf")
+    assert main(["import", str(gguf), "tiny"]) == 0
+    store = tmp_path / "models"
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    capsys.readouterr()
+    assert main(["import", str(gguf.parent / source), name]) == 2
+    err = capsys.readouterr().err
+    assert says in err and len(err.strip().splitlines()) == 1, err
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    assert not (store.parent / "escape").exists()
+
+
+def test_run_pulls_a_known_model_and_answers_one_prompt(shared_wheels, tmp_path):
+    question = "What is the capital of France?"
+    r = herd_in(tmp_path, "run", STORE_NAME, question, "-t", "0", "-n", "20", HERD_FIND_LINKS=str(shared_wheels))
+    assert r.returncode == 0, r.stderr
+    assert "Paris" in r.stdout and f"pulling {STORE_NAME}" in r.stderr
+    assert STORE_NAME in herd_in(tmp_path, "list").stdout
+    piped = herd_in(tmp_path, "run", STORE_NAME, "-t", "0", "-n", "20", stdin=question + "\n")
+    assert piped.returncode == 0 and piped.stdout == r.stdout, piped.stderr
+
+
+def test_run_without_a_prompt_at_a_terminal_is_a_chat(shared, tmp_path):
+    pexpect = pytest.importorskip("pexpect")
+    model = shared("models", "stories260K", "stories260K.gguf")
+    child = pexpect.spawn(sys.executable, ["-m", "herd", "run", str(model), "-t", "0", "-n", "8"],
+                          env={**os.environ, "HERD_HOME": str(tmp_path)}, encoding="utf-8", timeout=120)
+    child.expect_exact(">>> ")
+    assert "chatting with stories260K.gguf" in child.before
+    child.sendline("Once upon a time")
+    child.expect_exact(">>> ")  # a reply, then the next prompt
+    assert child.before.strip().splitlines()[-1].strip()
+    child.sendeof()
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
