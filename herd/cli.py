@@ -290,8 +290,13 @@ def cmd_eval_perplexity(args: argparse.Namespace) -> None:
     except (OSError, UnicodeDecodeError) as e:
         raise HerdError(f"{args.file}: cannot read as UTF-8 text ({e})") from None
     llm = load_llm(args)
-    ids = llm.tokenizer.encode(text, bos=llm.tokenizer.add_bos)
-    r = perplexity(llm.model, ids, args.context, args.stride, args.batch_size, n_bytes=len(text.encode()))
+    tok = llm.tokenizer
+    ids = tok.encode(text, bos=tok.add_bos)
+    n_bytes = len(text.encode())
+    if args.max_tokens is not None and len(ids) > args.max_tokens:  # the text those tokens spell
+        ids = ids[:args.max_tokens]
+        n_bytes = len(tok.decode([i for i in ids if i != tok.bos_id]).encode())
+    r = perplexity(llm.model, ids, args.context, args.stride, args.batch_size, n_bytes=n_bytes, progress=True)
     print(f"tokens {r.tokens}  nats/token {r.nats_per_token:.4f}  perplexity {r.perplexity:.4f}  "
           f"bits/byte {r.bits_per_byte:.4f}")
 
@@ -458,6 +463,7 @@ def _add_eval(sub) -> None:
     q.add_argument("--context", type=COUNT, help="window length in tokens (default: the model's context)")
     q.add_argument("--stride", type=COUNT, help="tokens between window starts (default: half the context)")
     q.add_argument("--batch-size", type=COUNT, default=8)
+    q.add_argument("--max-tokens", type=bounded(int, 2), help="score only the text's first N tokens (default: all)")
     add_model_args(q)
     q.set_defaults(func=cmd_eval_perplexity)
     q = kinds.add_parser("choice", help="multiple-choice accuracy of a JSONL file", description=(

@@ -256,3 +256,20 @@ def test_lm_eval_runs_local_tasks_end_to_end(stories, shared, tmp_path):
     assert sorted(s["resps"][0][0] for s in samples) == sorted(expected)
     assert results["herd_gen"]["exact_match,none"] == pytest.approx(
         sum(e == item["choices"][0] for e, item in zip(expected, items)) / len(items))
+
+
+def test_cli_perplexity_shows_progress_and_takes_max_tokens(shared, tmp_path):
+    from test_cli import herd as run_herd
+
+    model = str(shared("models", "stories260K", "stories260K.bin"))
+    text = tmp_path / "text.txt"
+    text.write_text(valid_text(shared, 2000))
+    r = run_herd("eval", "perplexity", str(text), "-m", model, "--context", "64", "--stride", "32",
+                 "--max-tokens", "300", "--batch-size", "2")
+    assert r.returncode == 0, r.stderr
+    llm = herd.load(model)
+    ids = llm.tokenizer.encode(text.read_text(), bos=True)
+    assert len(ids) > 300
+    expected = perplexity(llm.model, ids[:300], 64, 32)
+    assert f"tokens 299  nats/token {expected.nats_per_token:.4f}" in r.stdout
+    assert "perplexity: 100%" in r.stderr and "window" in r.stderr  # tqdm's bar, on stderr

@@ -47,9 +47,9 @@ def windows(n_tokens: int, context: int, stride: int) -> list[tuple[int, int, in
 
 
 def perplexity(model: Transformer, ids: list[int], context: int | None = None, stride: int | None = None,
-               batch_size: int = 8, n_bytes: int | None = None) -> Perplexity:
+               batch_size: int = 8, n_bytes: int | None = None, progress: bool = False) -> Perplexity:
     """Perplexity of the token ids (BOS included if the model expects one). `context` defaults
-    to the model's, `stride` to half of `context`."""
+    to the model's, `stride` to half of `context`; `progress` shows a bar of windows on stderr."""
     context = context or model.config.max_seq_len
     if not 1 <= context <= model.config.max_seq_len:
         raise HerdError(f"context must be between 1 and the model's {model.config.max_seq_len}, got {context}")
@@ -58,6 +58,7 @@ def perplexity(model: Transformer, ids: list[int], context: int | None = None, s
         raise HerdError("perplexity needs at least two tokens")
     spans = windows(len(ids), context, stride)
     nll = 0.0
-    for lp, _ in token_logprobs(model, [(ids[s:e + 1], n) for s, e, n in spans], batch_size):
+    for lp, _ in token_logprobs(model, [(ids[s:e + 1], n) for s, e, n in spans], batch_size,
+                                "perplexity" if progress else None):
         nll -= float(lp.sum())
     return Perplexity(nll, len(ids) - 1, n_bytes)

@@ -7,19 +7,22 @@ attention, so padding never reaches a real token).
 from __future__ import annotations
 
 import torch
+from tqdm import tqdm
 
 from herd.errors import HerdError
 from herd.model import Transformer
 
 
 @torch.inference_mode()
-def token_logprobs(model: Transformer, sequences: list[tuple[list[int], int]],
-                   batch_size: int = 8) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def token_logprobs(model: Transformer, sequences: list[tuple[list[int], int]], batch_size: int = 8,
+                   progress: str | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """For each (ids, n): the log-probabilities [n] of the last n tokens of ids, each given the
-    tokens before it, and whether each was the model's top choice [n]."""
+    tokens before it, and whether each was the model's top choice [n]. `progress`: a bar with this
+    label on stderr, counting sequences."""
     device = model.device
     out: list = [None] * len(sequences)
     order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i][0]))
+    bar = tqdm(total=len(sequences), desc=progress, unit="window", disable=progress is None)
     for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]
         width = len(sequences[batch[0]][0]) - 1
@@ -33,6 +36,8 @@ def token_logprobs(model: Transformer, sequences: list[tuple[list[int], int]],
             logp = torch.log_softmax(logits[j, len(ids) - 1 - n:len(ids) - 1].float(), dim=-1).cpu()
             target = torch.tensor(ids[-n:])
             out[i] = (logp.gather(1, target[:, None]).squeeze(1), logp.argmax(-1) == target)
+        bar.update(len(batch))
+    bar.close()
     return out
 
 
