@@ -137,3 +137,48 @@ def test_a_split_that_cuts_heads_fails_before_loading(files, tp, why):
         parallel.load(files / "llama3", tp, torch.float32)
 
 
+
+
+PEAK_RSS = """
+import json, sys, torch
+from herd import parallel
+from herd.checkpoint.load import load_model
+from herd.parallel.loading import peak_rss
+
+def main(path, world):
+    tokens = torch.arange(64).unsqueeze(0)
+    if world == 1:
+        model, _ = load_model(path, torch.float32)
+    else:
+        model, _ = parallel.load(path, world, torch.float32)
+    with torch.inference_mode():
+        model(tokens, cache=model.new_cache(1, 128))
+    print(json.dumps([peak_rss()] if world == 1 else model.mirror.peak_rss()))
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]))
+"""
+
+
+@pytest.mark.slow
+def test_peak_rss_per_rank_is_at_most_0_6_of_one_process(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from herd.config import ModelConfig
+
+    cfg = ModelConfig(dim=1024, n_layers=12, n_heads=16, n_kv_heads=8, vocab_size=32000, hidden_dim=2816,
+                      max_seq_len=256)
+    assert cfg.num_params() >= 200_000_000
+    save_hf(cfg, random_model(cfg), tmp_path / "model")
+    script = tmp_path / "peak.py"
+    script.write_text(PEAK_RSS)
+
+    def peaks(world: int) -> list[int]:  # a fresh process each: the same imports, nothing else held
+        out = subprocess.run([sys.executable, str(script), str(tmp_path / "model"), str(world)], capture_output=True,
+                             text=True, timeout=600, check=True).stdout
+        return json.loads(out.splitlines()[-1])
+
+    (one,), ranks = peaks(1), peaks(2)
+    assert len(ranks) == 2 and max(ranks) <= 0.6 * one, (ranks, one)

@@ -81,7 +81,8 @@ class HFSource:
             index = [slice(None)] * len(view.get_shape())
             if sl is not None:
                 index[sl[0]] = slice(sl[1], sl[2])
-            t = view[tuple(index)]
+            # a copy: the slice is a view of the file's mapping, which would keep every page it touched
+            t = view[tuple(index)].clone(memory_format=torch.contiguous_format)
         if name.endswith(("attention.wq.weight", "attention.wk.weight")):
             t = hf_to_interleaved(t, t.shape[0] // self.config.head_dim)
         return t
@@ -200,18 +201,25 @@ def open_source(path: str | Path, dtype: torch.dtype | None, rank: int = 0):
     return WholeSource(path, dtype)
 
 
-def _read_bytes() -> int:
-    """Bytes this process has read from storage (page-cache hits do not count), where Linux says."""
-    with contextlib.suppress(OSError, StopIteration), open("/proc/self/io") as f:
-        return int(next(line for line in f if line.startswith("read_bytes")).split()[1])
-    return 0
+def _proc_field(file: str, key: str) -> int | None:
+    """A number Linux reports in /proc/self/FILE on the line KEY (None where it does not)."""
+    with contextlib.suppress(OSError, StopIteration), open(f"/proc/self/{file}") as f:
+        return int(next(line for line in f if line.startswith(key + ":")).split()[1])
+    return None
+
+
+def peak_rss() -> int:
+    """This process's peak resident memory so far, in bytes: Linux's VmHWM (ru_maxrss would
+    carry over the peak of the process that forked this one)."""
+    kib = _proc_field("status", "VmHWM")
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss if kib is None else kib) * 1024
 
 
 def load_shard(source, rank: int, world: int, dtype: torch.dtype | None, device: str = "cpu",
                experts: str = "within", tokenizer: bool = True) -> tuple[ShardedTransformer, Checkpoint, dict]:
     """Rank `rank`'s model built from `source`, its Checkpoint (config, tokenizer, end tokens; no
     weights) and what loading cost: {"read_bytes", "peak_rss"} (bytes)."""
-    before = _read_bytes()
+    before = _proc_field("io", "read_bytes") or 0  # bytes read from storage; page-cache hits do not count
     cfg = source.config
     with torch.device("meta"):
         model = ShardedTransformer(cfg, rank, world, experts)
@@ -230,6 +238,5 @@ def load_shard(source, rank: int, world: int, dtype: torch.dtype | None, device:
     if cfg.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
     ckpt = Checkpoint(cfg, {}, source.format, source.path, *source.extras(tokenizer))
-    report = {"read_bytes": _read_bytes() - before,
-              "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    report = {"read_bytes": (_proc_field("io", "read_bytes") or 0) - before, "peak_rss": peak_rss()}
     return model.to(device).eval(), ckpt, report

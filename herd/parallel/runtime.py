@@ -31,7 +31,7 @@ import torch.multiprocessing as mp
 from herd.errors import HerdError
 from herd.model.kv_cache import KVCache, SlotCache
 from herd.parallel.layers import check_shardable, set_compute_group
-from herd.parallel.loading import load_shard, open_source
+from herd.parallel.loading import load_shard, open_source, peak_rss
 from herd.parallel.model import ShardedTransformer
 
 STEP_TIMEOUT = 20.0  # seconds a layer's collective waits for the other ranks
@@ -75,6 +75,14 @@ class Leader:
         weakref.finalize(model, self.freed.append, ("model", mid))
         return model, ckpt
 
+    def peak_rss(self) -> list[int]:
+        """Every rank's peak resident memory so far, in bytes."""
+        with self.lock:
+            self.send(("stats",))
+            out = [None] * self.world
+            dist.all_gather_object(out, peak_rss(), group=self.group)
+        return out
+
     def new_cache(self, model: ShardedTransformer, cache: KVCache) -> None:
         with self.lock:
             cid = next(self.ids)
@@ -111,6 +119,8 @@ def _worker_loop(rank: int, world: int, group) -> None:
             except HerdError as e:
                 error = str(e)
             dist.all_gather_object([None] * world, (error, report), group=group)
+        elif op == "stats":
+            dist.all_gather_object([None] * world, peak_rss(), group=group)
         elif op == "cache":
             mid, cid, kind, batch, max_len, dtype = args
             caches[cid] = models[mid].new_cache(batch, max_len, dtype, kind=_CACHES[kind])
