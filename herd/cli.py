@@ -37,9 +37,9 @@ def add_model_args(p: argparse.ArgumentParser, model_flag: bool = True) -> None:
     p.add_argument("--tokenizer", help="tokenizer file or directory, when the checkpoint has none beside it")
     p.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on GPU), float32, bfloat16, float16")
     p.add_argument("--device", default="cpu", type=device_arg, help="cpu, cuda, cuda:1, ..., mps (default: cpu)")
-    p.add_argument("--quantize", choices=["int8", "int4", "keep"],
-                   help="quantize the weights on load; keep: run a GGUF's quants as they are (default: "
-                        "dequantize them)")
+    p.add_argument("--quantize", choices=["int8", "int4", "keep", "dequant"],
+                   help="int8, int4: quantize the weights on load; a GGUF's quants run as stored (keep, the "
+                        "default on the CPU, as llama.cpp does) or dequantized to fp32 (dequant)")
     p.add_argument("--group-size", type=COUNT, help="inputs per scale with --quantize (default: int8 per row, int4 32)")
     p.add_argument("--tp", type=COUNT, default=1, metavar="N",
                    help="tensor parallel: run the model over N processes (started here, or the torchrun group)")

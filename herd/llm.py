@@ -260,10 +260,11 @@ def load(model: str | Path | None = None, *, dtype: str | torch.dtype = "auto", 
          tp: int = 1) -> LLM:
     """Load a model from a checkpoint path (HF directory, Meta directory, GGUF, llama2.c .bin, herd
     quantized directory) or a name in the model store; with no model, the built-in default (pulled
-    on first use). quantize: None loads float weights in `dtype` (GGUF quants dequantized), "keep"
-    keeps GGUF quants packed, "int8" / "int4" quantizes (group_size inputs per scale). tokenizer:
-    one to use instead of the checkpoint's: a tokenizer file or directory, or a model (path or
-    store name) whose tokenizer to take, a GGUF's embedded vocabulary included.
+    on first use). quantize: None (or "keep") loads float weights in `dtype` and, on the CPU, runs a
+    GGUF's quants as stored (llama.cpp's arithmetic); "dequant" dequantizes them to `dtype`; "int8" /
+    "int4" quantizes (group_size inputs per scale). tokenizer: one to use instead of the
+    checkpoint's: a tokenizer file or directory, or a model (path or store name) whose tokenizer to
+    take, a GGUF's embedded vocabulary included.
     tp > 1: run the model over `tp` processes (herd.parallel), this one rank 0; under torchrun the
     other ranks serve this one from inside this call and exit when it stops."""
     check_device(device)  # before a pull or a load that would fail on it

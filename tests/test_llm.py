@@ -111,7 +111,11 @@ def test_smollm2_knows_the_capital_of_france(smollm2):
     assert "Paris" in smollm2.generate("The capital of France is", max_tokens=20, temperature=0)
 
 
-def test_smollm2_chat_stops_at_the_end_of_its_turn(smollm2):
+def test_smollm2_chat_stops_at_the_end_of_its_turn(smollm2_gguf):
+    """On the dequantized weights: with the quants run as stored (the default, as llama.cpp runs them)
+    the first token of the answer is a near tie that goes to "L" ("L'Étoile, la ...", as llama.cpp's
+    llama-completion answers too), a reply that runs to the limit."""
+    smollm2 = herd.load(smollm2_gguf, quantize="dequant")
     reply = smollm2.chat([{"role": "user", "content": "What is the capital of France?"}], max_tokens=60, temperature=0)
     assert "Paris" in reply and "<|im_end|>" not in reply and "<|im_start|>" not in reply
 

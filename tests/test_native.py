@@ -70,10 +70,11 @@ def test_no_c_function_is_long():
     assert not long, f"C blocks over {MAX_LINES} lines: {long}"
 
 
-def test_intrinsics_only_in_the_avx2_files():
-    """The code for one instruction set lives in csrc/avx2/; the generic files only choose it."""
+def test_intrinsics_only_in_the_instruction_set_files():
+    """The code for one instruction set lives in csrc/avx2/ or csrc/avx512/; the generic files only
+    choose it."""
     outside = [str(p.relative_to(native.SOURCES)) for p in SOURCES
-               if p.parent.name != "avx2" and re.search(r"\b_mm\w*|__m256", _code(p.read_text()))]
+               if p.parent.name not in ("avx2", "avx512") and re.search(r"\b_mm\w*|__m256|__m512", _code(p.read_text()))]
     assert not outside
 
 

@@ -113,22 +113,23 @@ def load_model(path: str | Path, dtype: torch.dtype, device: str = "cpu", quanti
                group_size: int | None = None, tokenizer: bool = True) -> tuple[Transformer, Checkpoint]:
     """The model at `path` and its Checkpoint (config, tokenizer, chat template, end tokens).
 
-    quantize_to None: float weights take `dtype`, GGUF quants are dequantized to it, herd's quantized
-    checkpoints stay packed. "keep": GGUF quants stay packed too (on the CPU; faster, but the
-    kernels' int8 activations change some greedy outputs). "int8" / "int4" quantize the weights
-    (a GGUF quant is dequantized first). On the CPU 16-bit weights
-    are packed (computed in fp32: torch's CPU bf16 matmul is very slow) and decode steps run natively.
-    The Checkpoint's state_dict is left empty on the CPU: the weights are the model's.
+    quantize_to None (or "keep"): float weights take `dtype`; on the CPU a GGUF's quants stay packed
+    and run in the int8/int4 kernels with int8 activations, as llama.cpp runs them (elsewhere they
+    are dequantized to `dtype`); herd's quantized checkpoints stay packed. "dequant": a GGUF's quants
+    are dequantized to `dtype` (exact against transformers' GGUF loader, 4-8x the memory, slower).
+    "int8" / "int4" quantize the weights (a GGUF quant is dequantized first). On the CPU 16-bit
+    weights are packed (computed in fp32: torch's CPU bf16 matmul is very slow) and decode steps run
+    natively. The Checkpoint's state_dict is left empty on the CPU: the weights are the model's.
     """
     path = Path(path)
-    if quantize_to not in (None, "keep", *SCHEMES):
-        raise HerdError(f"unknown quantization {quantize_to!r}; use int8, int4 or keep")
+    if quantize_to not in (None, "keep", "dequant", *SCHEMES):
+        raise HerdError(f"unknown quantization {quantize_to!r}; use int8, int4, keep or dequant")
     cpu = torch.device(device).type == "cpu"
     if is_packed_dir(path):
         if quantize_to not in (None, "keep"):
             raise HerdError(f"{path}: already quantized; load it without a quantization")
         model, ckpt = load_packed(path, tokenizer)
-    elif quantize_to == "keep" and cpu and detect_format(path) == "gguf":
+    elif quantize_to in (None, "keep") and cpu and detect_format(path) == "gguf":
         model, ckpt = load_gguf_cached(path, tokenizer)  # a model in the store: its cached packed form
     else:
         ckpt = load_checkpoint(path, dtype, tokenizer)

@@ -4,7 +4,8 @@
 A decode step of a small model is mostly Python and dispatch overhead (about 0.3 ms per layer
 here), which at 22 layers is as long as streaming the weights of an int4 1B model. Installed on a
 model by `enable(model)`, it takes over whenever it can (CPU, fp32 KV cache, no autograd, one
-token per row or at most MAX_TOKENS tokens in all, every linear layer in a kernel format) and
+token per row or at most MAX_TOKENS tokens in all (any number when every linear layer is int8 or
+int4: whole prompts), every linear layer in a kernel format) and
 otherwise lets the torch forward run. It writes a plain KVCache or the serving engine's slots.
 Every token is computed the same way whatever else is in the call, so a batch row's, or a
 speculative draft's, logits do not depend on its neighbours.
@@ -23,7 +24,7 @@ from herd.model import KVCache, SlotCache, SlotRows, Transformer
 from herd.quant import native
 from herd.quant.linear import PackedLinear
 
-MAX_TOKENS = 16
+MAX_TOKENS = 16  # in a call with several tokens per row; any number when every linear layer is int8/int4
 
 
 def _linear(parent: nn.Module, name: str, records: list) -> native.Linear | None:
@@ -92,19 +93,28 @@ class NativeForward:
             d = self._described = _describe(model) or False
         return d[0] if d else None
 
+    def token_limit(self) -> int | None:
+        """The most tokens a call with several per row may have (None: any). A model whose linear
+        layers are all int8/int4 runs any prompt natively: its linear layers compute each token
+        alike whatever the call (kernels.h), and so then does the whole step, so that a prompt's
+        tokens, a batch's rows and a speculative draft's verification give a decode step's numbers."""
+        layers = self._described[1] if self._described else ()
+        linears = [getattr(layer, n) for layer in layers for n in ("wq", "wk", "wv", "wo", "w1", "w2", "w3")]
+        return None if linears and all(lin.fmt >= native.FORMAT_CODES["q8"] for lin in linears) else MAX_TOKENS
+
     def __call__(self, model: Transformer, tokens: torch.Tensor, input_pos: torch.Tensor | None,
                  cache, logits_at: torch.Tensor | None) -> torch.Tensor | None:
         B, T = tokens.shape
         target = _cache_rows(cache, B)
-        if (target is None or (T > 1 and B * T > MAX_TOKENS) or tokens.device.type != "cpu"
-                or torch.is_grad_enabled()):
+        if target is None or tokens.device.type != "cpu" or torch.is_grad_enabled():
             return None
         store, rows, n = target
         if store.k.dtype != torch.float32 or not store.k.is_contiguous():
             return None
         lib = native.library()
         desc = self.description(model) if lib is not None else None
-        if desc is None:
+        limit = self.token_limit()
+        if desc is None or (T > 1 and limit is not None and B * T > limit):
             return None
         if input_pos is None:
             input_pos = torch.arange(T)

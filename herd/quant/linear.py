@@ -28,11 +28,12 @@ from herd.quant import native
 FORMATS = ("f32", "f16", "bf16", "q8", "q4")
 # the dtype of each unquantized format
 FLOAT_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
-# Up to this many tokens per call the weight-streaming kernels win (herd_linear: each weight is read
-# once per 4 tokens, and int8/int4 multiply in integers); beyond, the blocked fp32 matrix multiply
-# does (herd_matmul). Measured on 2 Zen 3 cores, 5632 x 2048: they cross near 24 tokens for 16-bit
-# weights and near 48 for int8/int4.
-MV_MAX_TOKENS = {"f32": 16, "f16": 16, "bf16": 16, "q8": 32, "q4": 32}
+# Up to this many tokens per call the weight-streaming kernel wins for fp32 and 16-bit weights
+# (herd_linear: each weight is read once per 4 tokens); beyond, the blocked fp32 matrix multiply does
+# (herd_matmul). Measured on 2 Zen 3 cores, 5632 x 2048: they cross near 24 tokens. int8 and int4
+# weights take herd_linear for any number of tokens: int8 activations times int8/int4 weights, the
+# arithmetic of llama.cpp, so a prompt's tokens are computed as decoded ones are.
+MV_MAX_TOKENS = {"f32": 16, "f16": 16, "bf16": 16}
 
 
 def kernel_ok(fmt: str, in_features: int, group_size: int | None) -> bool:
@@ -113,7 +114,7 @@ class PackedLinear(nn.Module):
         if lib is None:
             return F.linear(x.float(), self.dequantize())
         x2 = x.reshape(-1, self.in_features).float().contiguous()
-        kernel = lib.herd_linear if x2.shape[0] <= MV_MAX_TOKENS[self.fmt] else lib.herd_matmul
+        kernel = lib.herd_matmul if x2.shape[0] > MV_MAX_TOKENS.get(self.fmt, x2.shape[0]) else lib.herd_linear
         y = torch.empty(x2.shape[0], self.out_features)
         kernel(ctypes.byref(self.describe()), x2.data_ptr(), x2.shape[0], y.data_ptr(), native.threads())
         return y.view(*x.shape[:-1], self.out_features)

@@ -1,9 +1,15 @@
 """herd's C kernels (the sources in `csrc/`, described in `csrc/kernels.h`): built with the system C
 compiler on first use, cached, and called through ctypes.
 
-Building at run time lets `-march=native` pick the CPU's vector instructions and needs nothing but
-a C compiler (the same one torch.compile needs). Without one, `library()` returns None and the
-packed layers fall back to plain torch (correct, slower); `HERD_NO_KERNELS=1` forces that.
+Building at run time needs nothing but a C compiler (the same one torch.compile needs). Without
+one, `library()` returns None and the packed layers fall back to plain torch (correct, slower);
+`HERD_NO_KERNELS=1` forces that.
+
+One library per instruction set (`ISAS`: plain C, AVX2, AVX-512 with VNNI), each built from the
+same sources with its own flags; `library()` loads the best one this CPU runs (asked of cpuid by a
+probe built without vector flags), or the one `HERD_ISA` names, refusing one the CPU lacks.
+`HERD_DEBUG=1` says which was chosen. Every one computes the integer kernels' results bit for bit
+alike (tests/test_isa.py).
 
 The structs passed to C are declared here again as ctypes Structures (`STRUCTS`); the library
 reports its own layout of them (`herd_layout`) and `load` refuses a library that disagrees.
@@ -25,6 +31,8 @@ from functools import cache
 from pathlib import Path
 
 import torch
+
+from herd.errors import HerdError
 
 SOURCES = Path(__file__).with_name("csrc")
 
@@ -74,6 +82,7 @@ _SIGNATURES = {
     "herd_matmul": ([_P, _P, _I, _P, _T], None),
     "herd_forward": ([_P], None),
     "herd_layout": ([], ctypes.POINTER(_LayoutLine)),
+    "herd_cpu_has": ([_T], _T),
 }
 
 
@@ -89,14 +98,27 @@ def _compiler() -> str | None:
     return None
 
 
-_FLAG_SETS = [["-march=native", "-fopenmp"], ["-march=native"], ["-fopenmp"], []]
+ISAS = ("generic", "avx2", "avx512")  # worst to best; the numbers of csrc/isa.c are their indices
+_AVX2 = ["-mavx2", "-mfma", "-mf16c"]
+_ISA_FLAGS = {"generic": ["-DHERD_GENERIC"], "avx2": _AVX2,
+              "avx512": _AVX2 + ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"]}
+# tuning (and, for generic, the CPU's own instructions for what the compiler vectorizes by itself)
+# and OpenMP are optional: the first set that builds wins
+_TUNE = {"generic": "-march=native", "avx2": "-mtune=native", "avx512": "-mtune=native"}
 
 
-def _build(cc: str, out: Path, tries: list[list[str]] = _FLAG_SETS) -> str | None:
-    """Compile to `out`; the first flag set that works wins (OpenMP and -march=native are optional).
+def _flag_sets(isa: str) -> list[list[str]]:
+    flags = _ISA_FLAGS[isa]
+    return [flags + [_TUNE[isa], "-fopenmp"], flags + [_TUNE[isa]], flags + ["-fopenmp"], flags]
+
+
+def _build(cc: str, out: Path, tries: list[list[str]], sources: list[Path] | None = None) -> str | None:
+    """Compile `sources` (default: all of csrc/*.c) to `out`; the first flag set that works wins.
     Returns the compiler's complaint when nothing worked."""
-    sources = [str(p) for p in sorted(SOURCES.glob("*.c"))]
-    base = [cc, "-O3", "-fPIC", "-shared", "-std=c11", "-D_GNU_SOURCE", "-fvisibility=hidden", *sources, "-lm"]
+    sources = [str(p) for p in (sources or sorted(SOURCES.glob("*.c")))]
+    # -ffp-contract=off: a * b + c is fused only where the code says fma (clang would fuse on its own)
+    base = [cc, "-O3", "-fPIC", "-shared", "-std=c11", "-D_GNU_SOURCE", "-fvisibility=hidden", "-ffp-contract=off",
+            *sources, "-lm"]
     error = ""
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         for flags in tries:
@@ -109,23 +131,61 @@ def _build(cc: str, out: Path, tries: list[list[str]] = _FLAG_SETS) -> str | Non
     return error
 
 
+def _built(cc: str, name: str, tries: list[list[str]], sources: list[Path] | None = None) -> tuple[Path, str | None]:
+    """The cached library `name` (keyed by the sources, compiler and machine), built if missing:
+    (its path, None) or (its path, the compiler's complaint)."""
+    key = hashlib.sha256(_source_text() + f"{cc}|{platform.machine()}|{platform.node()}|{name}".encode()).hexdigest()[:16]
+    path = cache_dir() / f"herd_{name}_{key}{'.dll' if sys.platform == 'win32' else '.so'}"
+    if path.exists():
+        return path, None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path, _build(cc, path, tries, sources)
+
+
 @cache
-def library() -> ctypes.CDLL | None:
-    """The loaded kernel library, building it if needed; None when kernels are off or cannot be built."""
+def cpu_isas() -> tuple[str, ...]:
+    """The instruction sets of ISAS this CPU runs, worst to best (generic only without a compiler)."""
+    cc = _compiler()
+    path, error = _built(cc, "probe", [[]], [SOURCES / "isa.c"]) if cc else (None, "no compiler")
+    if error is not None:
+        return ("generic",)
+    has = ctypes.CDLL(str(path)).herd_cpu_has
+    return tuple(isa for code, isa in enumerate(ISAS) if has(code))
+
+
+def chosen_isa() -> str:
+    """HERD_ISA if set (refused unless this CPU runs it), else the best instruction set it runs."""
+    have, forced = cpu_isas(), os.environ.get("HERD_ISA")
+    if not forced:
+        return have[-1]
+    if forced in have:
+        return forced
+    why = ("herd has no AMX kernels" if forced == "amx" else "this CPU lacks it" if forced in ISAS
+           else f"unknown instruction set (herd's: {', '.join(ISAS)})")
+    raise HerdError(f"HERD_ISA={forced}: {why}; this CPU runs {', '.join(have)}")
+
+
+def library(isa: str | None = None) -> ctypes.CDLL | None:
+    """The loaded kernel library for `isa` (default: chosen_isa()), building it if needed; None when
+    kernels are off or cannot be built."""
     if os.environ.get("HERD_NO_KERNELS"):
         return None
+    return _library(isa or chosen_isa())
+
+
+@cache
+def _library(isa: str) -> ctypes.CDLL | None:
     cc = _compiler()
     if cc is None:
-        warnings.warn("herd: no C compiler found (set CC); using slower torch code for packed weights", stacklevel=2)
+        warnings.warn("herd: no C compiler found (set CC); using slower torch code for packed weights", stacklevel=3)
         return None
-    key = hashlib.sha256(_source_text() + f"{cc}|{platform.machine()}|{platform.node()}".encode()).hexdigest()[:16]
-    path = cache_dir() / f"herd_kernels_{key}{'.dll' if sys.platform == 'win32' else '.so'}"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        error = _build(cc, path)
-        if error is not None:
-            warnings.warn(f"herd: cannot build the C kernels ({error}); using slower torch code", stacklevel=2)
-            return None
+    path, error = _built(cc, f"kernels_{isa}", _flag_sets(isa))
+    if error is not None:
+        warnings.warn(f"herd: cannot build the C kernels ({error}); using slower torch code", stacklevel=3)
+        return None
+    if os.environ.get("HERD_DEBUG"):
+        print(f"herd: kernels for {isa} ({path}); this CPU runs {', '.join(cpu_isas())}"
+              + (" (HERD_ISA)" if os.environ.get("HERD_ISA") else ""), file=sys.stderr)
     return load(path)
 
 

@@ -1,5 +1,5 @@
-/* The input of a linear layer (activations.h): quantized per block of 32, with each block's scale
- * and its sum (d * sum q). */
+/* The input of a linear layer (activations.h): quantized per block of 32 as llama.cpp quantizes
+ * the activations beside Q8_0, Q4_0 (block_q8_0) and Q4_1 weights (block_q8_1). */
 #include "activations.h"
 
 #ifdef HERD_AVX2
@@ -9,12 +9,7 @@
 #endif
 
 static void quantize_x(const float *x, i64 M, i64 K, int8_t *xq, float *xd, float *xs) {
-    for (i64 i = 0; i < M * (K / 32); i++) {
-        float d;
-        int sum = quantize_block(x + i * 32, xq + i * 32, &d);
-        xd[i] = d;
-        xs[i] = d * (float)sum;
-    }
+    for (i64 i = 0; i < M * (K / 32); i++) quantize_block(x + i * 32, xq + i * 32, xd + i, xs + i);
 }
 
 Input input_alloc(i64 M, i64 K) {

@@ -5,8 +5,9 @@
 #include "common.h"
 
 /* x, and for q8/q4 x quantized per block of 32 (xq, the blocks' scales xd, and xs: each block's
-   scale times the sum of its quantized values) with, for q4, the sums of xs per weight group of g
-   inputs (xg). Several layers reading the same x (wq, wk, wv; w1, w3) share one. */
+   scale times the sum of its quantized values; both rounded to fp16, as in llama.cpp's block_q8_1)
+   with, for q4, the sums of xs per weight group of g inputs (xg). Several layers reading the same x
+   (wq, wk, wv; w1, w3) share one. */
 typedef struct {
     const float *x;
     i64 M, K;

@@ -1,12 +1,13 @@
 /* herd_matmul: y = x W^T for many tokens (prefill), as gemm.h describes. */
 #include "gemm.h"
 
+#include "linear.h"
 #include "threads.h"
 
 /* Bring rows [n, n + PR) of W, inputs [k0, k0 + kc), toward the cache: the next panel's weights,
    fetched while this panel is multiplied (otherwise expand() waits on memory line by line) */
 static void prefetch_panel(const Linear *L, i64 n, i64 k0, i64 kc) {
-    static const int bits[] = {32, 16, 16, 8, 4};
+    static const int bits[] = {32, 16, 16};
     i64 b = bits[L->fmt];
     for (int r = 0; r < PR && n + r < L->N; r++) {
         const char *row = (const char *)L->w + ((n + r) * L->K + k0) * b / 8;
@@ -47,6 +48,10 @@ static void matmul_rows(const Linear *L, const float *x, i64 M, i64 n0, i64 n1, 
 }
 
 void herd_matmul(const Linear *L, const float *x, i64 M, float *y, int threads) {
+    if (L->fmt >= 3) { /* int8 and int4: int8 activations for any number of tokens (kernels.h) */
+        herd_linear(L, x, M, y, threads);
+        return;
+    }
 #pragma omp parallel num_threads(threads)
     {
         i64 panels = (L->N + PR - 1) / PR;

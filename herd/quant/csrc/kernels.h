@@ -3,8 +3,9 @@
  * Decoding one token multiplies every weight matrix by one activation vector: the time is the time
  * to stream the weights from memory, so the decode kernels (herd_linear, herd_forward) read each
  * weight once per call, keep it compressed in memory and expand it in registers. Prefill (dozens of
- * tokens) is arithmetic-bound instead: herd_matmul is a blocked matrix multiply on weights expanded
- * to fp32 (gemm.c). Matrices are row-major [N, K] (out x in), as in torch.nn.Linear; x is [M, K]
+ * tokens) is arithmetic-bound instead: for fp32 and 16-bit weights herd_matmul is a blocked matrix
+ * multiply on weights expanded to fp32 (gemm.c); int8 and int4 weights multiply int8 activations
+ * in the decode kernels for any number of tokens, as llama.cpp does. Matrices are row-major [N, K] (out x in), as in torch.nn.Linear; x is [M, K]
  * (one row per token), y is [M, N].
  *
  * Formats:
@@ -18,19 +19,24 @@
  *                    Q4_0/Q4_1 order, so GGUF blocks repack with a strided copy).
  * Scales and offsets are fp16 or fp32 (`s16`), [N, K / g].
  *
- * For q8 and q4 the activations are quantized to int8 per block of 32 (as llama.cpp does), so the
- * inner loop is integer multiply-adds. Every (row, token) dot product is computed in the same order
- * whatever M is: a token's result does not depend on the other tokens of the call.
+ * For q8 and q4 the activations are quantized to int8 per block of 32 exactly as llama.cpp's x86 CPU
+ * backend quantizes them (block_q8_0 / block_q8_1: scale and sum rounded to fp16), and each dot
+ * product is summed in the order of its ggml_vec_dot_q8_0_q8_0 / q4_0_q8_0 / q4_1_q8_1 (8 lanes,
+ * one fused multiply-add per block, hsum_float_8), so that a GGUF's quants give llama.cpp's numbers.
+ * Every (row, token) dot product is computed in the same order whatever M is: a token's result
+ * does not depend on the other tokens of the call.
  *
- * herd/quant/native.py builds the library at first use with the system C compiler (-O3
- * -march=native) and declares the structs below again as ctypes Structures; the library exports
- * their layout (herd_layout, layout.c) and native.py refuses a library whose layout differs.
+ * herd/quant/native.py builds the library at first use with the system C compiler, once per
+ * instruction set (generic, AVX2, AVX-512 + VNNI; isa.c says which the CPU runs), and declares the
+ * structs below again as ctypes Structures; the library exports their layout (herd_layout,
+ * layout.c) and native.py refuses a library whose layout differs.
  *
  * The files: common.h (what every file uses), activations.c (int8 activations), tiles.h (a few
  * weight rows against a few tokens), linear.c (a layer's rows shared between threads; herd_linear),
  * gemm.c (herd_matmul), forward.c (herd_forward), threads.h and .c (thread ids, the barrier),
- * layout.c (herd_layout). Each generic file X takes the code that depends on the instruction set
- * from avx2/X.h (AVX2 with FMA and F16C) or portable/X.h (plain C).
+ * layout.c (herd_layout), isa.c (herd_cpu_has). Each generic file X takes the code that depends on
+ * the instruction set from avx2/X.h (AVX2 with FMA and F16C; avx512/X.h adds what AVX-512 changes)
+ * or portable/X.h (plain C).
  */
 #pragma once
 
@@ -93,3 +99,5 @@ HERD_EXPORT void herd_matmul(const Linear *L, const float *x, i64 M, float *y, i
 HERD_EXPORT void herd_forward(const Step *st);
 /* the layout of Linear, Layer, Model and Step (layout.c) */
 HERD_EXPORT const LayoutLine *herd_layout(void);
+/* whether this CPU runs instruction set `isa` (isa.c) */
+HERD_EXPORT int herd_cpu_has(int isa);

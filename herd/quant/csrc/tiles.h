@@ -9,6 +9,20 @@
 
 #define MAXC 4 /* tokens per tile */
 
+/* The offsets of asymmetric int4 weights against quantized activations, for R rows (G groups of
+   offsets each, sb bytes apart) and C tokens: off[r][c] = the sum over the groups of m[gi] * xg[c * G + gi],
+   one group after another (llama.cpp's summs in ggml_vec_dot_q4_1_q8_1); the R * C sums advance
+   together, so that their fused multiply-adds overlap. */
+INLINE void offsets(const void *m, int s16, i64 G, i64 sb, int R, const float *xg, int C, float off[2][MAXC]) {
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < C; c++) off[r][c] = 0.0f;
+    for (i64 i = 0; i < G; i++)
+        for (int r = 0; r < R; r++) {
+            float mr = scale_at((const char *)m + r * sb, s16, i);
+            for (int c = 0; c < C; c++) off[r][c] = fmaf(mr, xg[c * G + i], off[r][c]);
+        }
+}
+
 #ifdef HERD_AVX2
 #include "avx2/tiles.h"
 #else

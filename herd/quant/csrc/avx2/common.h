@@ -3,6 +3,15 @@
 #pragma once
 
 INLINE float h2f(uint16_t h) { return _cvtsh_ss(h); }
+INLINE uint16_t f2h(float x) { return _cvtss_sh(x, _MM_FROUND_TO_NEAREST_INT); }
+
+#ifndef HERD_AVX512
+/* acc + the 8 sums of 4 adjacent products of a (unsigned bytes) and b (signed bytes); the products
+   of a pair must fit in int16 (they do for int4 or |int8| weights against int8 activations) */
+INLINE __m256i dot_us(__m256i acc, __m256i a, __m256i b) {
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1)));
+}
+#endif
 
 INLINE float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));

@@ -2,25 +2,13 @@
  * registers), and the micro-tile's sums in 12 vector registers. */
 #pragma once
 
-/* inputs [k, k + 8) of row n of W as fp32 (k a multiple of 8; `gk` = k / g for q8 and q4; `fmt` a
-   constant where inlined) */
-INLINE __m256 row8(const Linear *L, int fmt, i64 n, i64 k, i64 gk) {
-    i64 i = n * L->K + k, gi = n * (L->g ? L->K / L->g : 0) + gk;
+/* inputs [k, k + 8) of row n of W as fp32 (k a multiple of 8; `fmt` a constant where inlined) */
+INLINE __m256 row8(const Linear *L, int fmt, i64 n, i64 k) {
+    i64 i = n * L->K + k;
     switch (fmt) {
     case 0: return _mm256_loadu_ps((const float *)L->w + i);
     case 1: return LOAD_F16((const uint16_t *)L->w + i);
-    case 2: return LOAD_BF16((const uint16_t *)L->w + i);
-    case 3: {
-        __m256 q = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)((const int8_t *)L->w + i))));
-        return _mm256_mul_ps(q, _mm256_set1_ps(scale_at(L->s, L->s16, gi)));
-    }
-    default: {
-        __m128i b = _mm_loadl_epi64((const __m128i *)((const uint8_t *)L->w + (i - k % 64) / 2 + k % 32));
-        if (k % 64 >= 32) b = _mm_srli_epi16(b, 4);
-        __m256 q = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_cvtepu8_epi32(b), _mm256_set1_epi32(15)));
-        float sc = scale_at(L->s, L->s16, gi);
-        return _mm256_fmadd_ps(q, _mm256_set1_ps(sc), _mm256_set1_ps(L->m ? scale_at(L->m, L->s16, gi) : -8.0f * sc));
-    }
+    default: return LOAD_BF16((const uint16_t *)L->w + i);
     }
 }
 
@@ -46,13 +34,9 @@ INLINE void transpose8(__m256 *r) {
 INLINE void expand_fmt(const Linear *layer, int fmt, i64 n, int R, i64 k0, i64 kc, float *panel) {
     const Linear L = *layer; /* a local copy: the panel's stores cannot change it */
     for (int h = 0; h < PR; h += 8)
-        for (i64 k = 0, gk = L.g ? k0 / L.g : 0, gend = L.g ? (gk + 1) * L.g : 0; k < kc; k += 8) {
-            if (L.g && k0 + k == gend) { /* next scale group (no division per block) */
-                gk++;
-                gend += L.g;
-            }
+        for (i64 k = 0; k < kc; k += 8) {
             __m256 v[8];
-            for (int r = 0; r < 8; r++) v[r] = h + r < R ? row8(&L, fmt, n + h + r, k0 + k, gk) : _mm256_setzero_ps();
+            for (int r = 0; r < 8; r++) v[r] = h + r < R ? row8(&L, fmt, n + h + r, k0 + k) : _mm256_setzero_ps();
             transpose8(v);
             for (int j = 0; j < 8; j++) _mm256_store_ps(panel + (k + j) * PR + h, v[j]);
         }
@@ -63,9 +47,7 @@ static void expand(const Linear *L, i64 n, int R, i64 k0, i64 kc, float *panel) 
     switch (L->fmt) {
     case 0: expand_fmt(L, 0, n, R, k0, kc, panel); break;
     case 1: expand_fmt(L, 1, n, R, k0, kc, panel); break;
-    case 2: expand_fmt(L, 2, n, R, k0, kc, panel); break;
-    case 3: expand_fmt(L, 3, n, R, k0, kc, panel); break;
-    default: expand_fmt(L, 4, n, R, k0, kc, panel);
+    default: expand_fmt(L, 2, n, R, k0, kc, panel);
     }
 }
 

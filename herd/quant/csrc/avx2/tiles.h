@@ -32,16 +32,6 @@ INLINE void block_multipliers(const void *s, int s16, i64 bpg, i64 nb, const flo
     }
 }
 
-/* sum over i < n of s[i] * v[i] */
-INLINE float scaled_sum(const void *s, int s16, i64 n, const float *v) {
-    i64 i = 0;
-    __m256 acc = _mm256_setzero_ps();
-    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(scales8(s, s16, i), _mm256_loadu_ps(v + i), acc);
-    float total = hsum(acc);
-    for (; i < n; i++) total += scale_at(s, s16, i) * v[i];
-    return total;
-}
-
 /* NAME(w, K, R, x, C, out, ldo): R rows of T weights (read with LOAD, 8 at a time; PF: prefetch the
    next tile's rows) against C fp32 tokens */
 #define FLOAT_TILE(NAME, T, LOAD, PF)                                                                 \
@@ -64,49 +54,49 @@ INLINE float scaled_sum(const void *s, int s16, i64 n, const float *v) {
     }
 
 /* The common case (groups of 32, at least 8 blocks), for one row and C tokens at once, 8 blocks at a
-   time: comb[c * ldc + b] = s[b] * xd[c * nb + b] and, when m is given, acc[c] += 8 partial sums of
-   f * m[b] * xg[c * nb + b] (folded into the row's accumulators instead of summed on their own). A
-   last partial octet is read at nb - 8: its multipliers are written again, unchanged, and the
-   offsets of the blocks already counted are masked out. Measured against block_multipliers and
-   scaled_sum per token: SmolLM2-135M Q4_1 decode step -12 to -18%, 4-token step -22%. */
-INLINE void multipliers_g32(const void *s, const void *m, float f, int s16, i64 nb, int C, const float *xd,
-                            const float *xg, float *comb, i64 ldc, __m256 *acc) {
-    const __m256 fv = _mm256_set1_ps(f);
+   time: comb[c * ldc + b] = s[b] * xd[c * nb + b]. A last partial octet is read at nb - 8: its
+   multipliers are written again, unchanged. */
+INLINE void multipliers_g32(const void *s, int s16, i64 nb, int C, const float *xd, float *comb, i64 ldc) {
     for (i64 b = 0; b < nb; b += 8) {
         i64 at = b + 8 <= nb ? b : nb - 8;
         __m256 sv = scales8(s, s16, at);
         for (int c = 0; c < C; c++) _mm256_storeu_ps(comb + c * ldc + at, _mm256_mul_ps(sv, _mm256_loadu_ps(xd + c * nb + at)));
-        if (!m) continue;
-        __m256 mv = _mm256_mul_ps(fv, scales8(m, s16, at));
-        if (at != b)
-            mv = _mm256_and_ps(mv, _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
-                                                                          _mm256_set1_epi32((int)(b - at - 1)))));
-        for (int c = 0; c < C; c++) acc[c] = _mm256_fmadd_ps(mv, _mm256_loadu_ps(xg + c * nb + at), acc[c]);
     }
 }
 
-/* q8: int8 weights with per-group scales (s points at row 0's scales; G per row). `half`: g = 16, so
-   each block of 32 has two scales (lanes 0-3 of the block's integer sums cover its first 16 inputs,
-   lanes 4-7 the other 16). The weights' and activations' scales are multiplied per row and token up
-   front, so the inner loop is integer multiply-adds and one fused multiply-add per block. */
+/* comb[r][c][b] = the weights' scale times the activations' for block b of row r and token c (rows
+   of G scales at s; g = 32 and at least 8 blocks take multipliers_g32) */
+INLINE void multipliers(const void *s, int s16, i64 g, i64 K, int R, int C, const float *xd, float *comb) {
+    i64 nb = K / 32, sb = K / g * (s16 ? 2 : 4);
+    for (int r = 0; r < R; r++) {
+        if (g == 32 && nb >= 8)
+            multipliers_g32((const char *)s + r * sb, s16, nb, C, xd, comb + r * MAXC * nb, nb);
+        else
+            for (int c = 0; c < C; c++)
+                block_multipliers((const char *)s + r * sb, s16, g / 32, nb, xd + c * nb, comb + (r * MAXC + c) * nb);
+    }
+}
+
+/* out[c * ldo + r] = hsum(acc[r][c]) + off[r][c] */
+INLINE void lanes_out(__m256 acc[2][MAXC], float off[2][MAXC], int R, int C, float *out, i64 ldo) {
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < C; c++) out[c * ldo + r] = hsum(acc[r][c]) + off[r][c];
+}
+
+/* q8: int8 weights with per-group scales (s points at row 0's scales; G per row). Each block's 8
+   lanes of integer sums (4 inputs each) are accumulated, times the product of the two scales, in 8
+   float lanes: llama.cpp's ggml_vec_dot_q8_0_q8_0 on x86. `half`: g = 16, so each block of 32 has
+   two scales (lanes 0-3 cover its first 16 inputs, lanes 4-7 the other 16). */
 INLINE void tile_q8(const int8_t *w, const void *s, int s16, i64 g, i64 K, int R, const int8_t *xq,
                     const float *xd, int C, float *out, i64 ldo, int half) {
-    i64 nb = K / 32, G = K / g, per = half ? 2 : 1;
-    float comb[2][MAXC][per * nb];
-    int fast = 0;
-    if (g == 32 && nb >= 8) {
-        fast = 1;
+    i64 nb = K / 32, G = K / g;
+    float comb[2][MAXC][half ? 2 * nb : nb], off[2][MAXC] = {{0.0f}};
+    if (half)
         for (int r = 0; r < R; r++)
-            multipliers_g32((const char *)s + r * G * (s16 ? 2 : 4), NULL, 0.0f, s16, nb, C, xd, NULL, comb[r][0], nb, NULL);
-    }
-    for (int r = 0; r < R && !fast; r++)
-        for (int c = 0; c < C; c++) {
-            if (half)
+            for (int c = 0; c < C; c++)
                 for (i64 i = 0; i < 2 * nb; i++) comb[r][c][i] = scale_at(s, s16, r * G + i) * xd[c * nb + i / 2];
-            else
-                block_multipliers((const char *)s + r * G * (s16 ? 2 : 4), s16, g / 32, nb, xd + c * nb, comb[r][c]);
-        }
-    const __m256i ones = _mm256_set1_epi16(1);
+    else
+        multipliers(s, s16, g, K, R, C, xd, &comb[0][0][0]);
     __m256 acc[2][MAXC];
     for (int r = 0; r < R; r++)
         for (int c = 0; c < C; c++) acc[r][c] = _mm256_setzero_ps();
@@ -120,42 +110,31 @@ INLINE void tile_q8(const int8_t *w, const void *s, int s16, i64 g, i64 K, int R
         for (int c = 0; c < C; c++) {
             __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + c * K + 32 * b));
             for (int r = 0; r < R; r++) {
-                __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(aw[r], _mm256_sign_epi8(xv, wv[r])), ones);
+                __m256i p = dot_us(_mm256_setzero_si256(), aw[r], _mm256_sign_epi8(xv, wv[r]));
                 __m256 m = half ? _mm256_set_m128(_mm_set1_ps(comb[r][c][2 * b + 1]), _mm_set1_ps(comb[r][c][2 * b]))
                                 : _mm256_broadcast_ss(&comb[r][c][b]);
-                acc[r][c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), m, acc[r][c]);
+                acc[r][c] = _mm256_fmadd_ps(m, _mm256_cvtepi32_ps(p), acc[r][c]);
             }
         }
     }
-    for (int r = 0; r < R; r++)
-        for (int c = 0; c < C; c++) out[c * ldo + r] = hsum(acc[r][c]);
+    lanes_out(acc, off, R, C, out, ldo);
 }
 
-/* q4: 4-bit weights with per-group scale s and offset m. Each pair of 32-input blocks is 32 bytes:
-   byte t holds input t of the first block in its low nibble and input t of the second block in its
-   high nibble. xg[c * G + gi] is the sum of token c's quantized inputs over group gi. */
+/* q4: 4-bit weights with per-group scale s and offset m (NULL: symmetric, w = (q - 8) s). Each pair
+   of 32-input blocks is 32 bytes: byte t holds input t of the first block in its low nibble and
+   input t of the second block in its high nibble. Lanes as tile_q8's: of (q - 8) x when symmetric
+   (the integer sums of q x less 8 x; llama.cpp's ggml_vec_dot_q4_0_q8_0), of q x plus the offsets'
+   sum otherwise (offsets(); ggml_vec_dot_q4_1_q8_1). */
 INLINE void tile_q4(const uint8_t *w, const void *s, const void *m, int s16, i64 g, i64 K, int R,
                     const int8_t *xq, const float *xd, const float *xg, int C, float *out, i64 ldo) {
-    i64 nb = K / 32, bpg = g / 32, G = K / g;
-    i64 sb = G * (s16 ? 2 : 4);
+    i64 nb = K / 32, G = K / g;
     float comb[2][MAXC][nb], off[2][MAXC] = {{0.0f}};
-    int fast = 0;
+    multipliers(s, s16, g, K, R, C, xd, &comb[0][0][0]);
+    if (m) offsets(m, s16, G, G * (s16 ? 2 : 4), R, xg, C, off);
     __m256 acc[2][MAXC];
     for (int r = 0; r < R; r++)
         for (int c = 0; c < C; c++) acc[r][c] = _mm256_setzero_ps();
-    if (bpg == 1 && nb >= 8) {
-        fast = 1;
-        for (int r = 0; r < R; r++)
-            multipliers_g32((const char *)s + r * sb, (const char *)(m ? m : s) + r * sb, m ? 1.0f : -8.0f, s16, nb, C,
-                            xd, xg, comb[r][0], nb, acc[r]);
-    }
-    for (int r = 0; r < R && !fast; r++)
-        for (int c = 0; c < C; c++) {
-            block_multipliers((const char *)s + r * sb, s16, bpg, nb, xd + c * nb, comb[r][c]);
-            off[r][c] = m ? scaled_sum((const char *)m + r * sb, s16, G, xg + c * G)
-                          : -8.0f * scaled_sum((const char *)s + r * sb, s16, G, xg + c * G);
-        }
-    const __m256i ones = _mm256_set1_epi16(1), low = _mm256_set1_epi8(0x0f);
+    const __m256i low = _mm256_set1_epi8(0x0f), eight = _mm256_set1_epi8(8), zero = _mm256_setzero_si256();
     for (i64 b = 0; b < nb; b += 2) {
         __m256i lo[2], hi[2];
         for (int r = 0; r < R; r++) {
@@ -167,14 +146,15 @@ INLINE void tile_q4(const uint8_t *w, const void *s, const void *m, int s16, i64
         for (int c = 0; c < C; c++) {
             __m256i x0 = _mm256_loadu_si256((const __m256i *)(xq + c * K + 32 * b));
             __m256i x1 = _mm256_loadu_si256((const __m256i *)(xq + c * K + 32 * b + 32));
+            /* symmetric: start the sums at -8 x, so that they end at (q - 8) x */
+            __m256i n0 = m ? zero : _mm256_sub_epi32(zero, dot_us(zero, eight, x0));
+            __m256i n1 = m ? zero : _mm256_sub_epi32(zero, dot_us(zero, eight, x1));
             for (int r = 0; r < R; r++) {
-                __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(lo[r], x0), ones);
-                __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(hi[r], x1), ones);
-                acc[r][c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_broadcast_ss(&comb[r][c][b]), acc[r][c]);
-                acc[r][c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_broadcast_ss(&comb[r][c][b + 1]), acc[r][c]);
+                __m256 p0 = _mm256_cvtepi32_ps(dot_us(n0, lo[r], x0)), p1 = _mm256_cvtepi32_ps(dot_us(n1, hi[r], x1));
+                acc[r][c] = _mm256_fmadd_ps(_mm256_broadcast_ss(&comb[r][c][b]), p0, acc[r][c]);
+                acc[r][c] = _mm256_fmadd_ps(_mm256_broadcast_ss(&comb[r][c][b + 1]), p1, acc[r][c]);
             }
         }
     }
-    for (int r = 0; r < R; r++)
-        for (int c = 0; c < C; c++) out[c * ldo + r] = hsum(acc[r][c]) + off[r][c];
+    lanes_out(acc, off, R, C, out, ldo);
 }

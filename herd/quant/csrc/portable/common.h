@@ -17,6 +17,18 @@ INLINE float h2f(uint16_t h) {
     return f;
 }
 
+/* x as fp16, rounded to nearest even (F16C's vcvtps2ph, which llama.cpp uses on x86) */
+INLINE uint16_t f2h(float x) {
+    uint32_t bits;
+    memcpy(&bits, &x, 4);
+    uint32_t sign = (bits >> 16) & 0x8000, ax = bits & 0x7fffffff;
+    if (ax > 0x7f800000) return (uint16_t)(sign | 0x7e00); /* NaN */
+    if (ax >= 0x477ff000) return (uint16_t)(sign | 0x7c00); /* rounds to 65536 or more: infinity */
+    if (ax < 0x38800000) /* below 2^-14: a multiple of 2^-24 (1024 is the smallest normal's bits) */
+        return (uint16_t)(sign | (uint32_t)nearbyintf(fabsf(x) * 16777216.0f));
+    return (uint16_t)(sign | ((ax - 0x38000000 + 0xfff + ((ax >> 13) & 1)) >> 13));
+}
+
 /* a weight at p as a float */
 #define LOAD_F32(p) (*(p))
 #define LOAD_F16(p) h2f(*(p))

@@ -3,18 +3,11 @@
 
 /* element k of row n of W as fp32 */
 static float weight_at(const Linear *L, i64 n, i64 k) {
-    i64 K = L->K, G = L->g ? K / L->g : 0, i = n * K + k;
+    i64 i = n * L->K + k;
     switch (L->fmt) {
     case 0: return ((const float *)L->w)[i];
     case 1: return h2f(((const uint16_t *)L->w)[i]);
-    case 2: return bf2f(((const uint16_t *)L->w)[i]);
-    case 3: return ((const int8_t *)L->w)[i] * scale_at(L->s, L->s16, n * G + k / L->g);
-    default: {
-        uint8_t byte = ((const uint8_t *)L->w)[(i - k % 64) / 2 + k % 32];
-        i64 gi = n * G + k / L->g;
-        float sc = scale_at(L->s, L->s16, gi);
-        return (float)(k % 64 < 32 ? byte & 15 : byte >> 4) * sc + (L->m ? scale_at(L->m, L->s16, gi) : -8.0f * sc);
-    }
+    default: return bf2f(((const uint16_t *)L->w)[i]);
     }
 }
 
