@@ -155,41 +155,28 @@ def cmd_chat(args: argparse.Namespace) -> None:
     options = sampling_options(args)
     make_params(options)
     llm = load_llm(args)
+    from herd.repl import Chat, inputs
+
     interactive = sys.stdin.isatty()
+    chat = Chat(llm, options, system=args.system, ctx=args.ctx, verbose=args.verbose, interactive=interactive)
     if interactive:
         import readline  # noqa: F401  (line editing and history for input())
 
-        print(f"chatting with {llm.name}: /reset starts over, Ctrl-C stops a reply, Ctrl-D quits", file=sys.stderr)
-    system = [{"role": "system", "content": args.system}] if args.system else []
-    history: list[dict] = []
-    while True:
+        print(f"chatting with {llm.name}: /help for commands, \"\"\" for several lines, Ctrl-C stops a reply, "
+              "Ctrl-D quits", file=sys.stderr)
+
+    def read(prompt: str) -> str:  # a line with its newline; "" at the end of input
+        if not interactive:
+            return sys.stdin.readline()
         try:
-            line = stdin_text(lambda: input(">>> ") if interactive else sys.stdin.readline())
+            return input(prompt) + "\n"
         except EOFError:
-            line = ""
-        if not line:
-            if interactive:
-                write("\n")
-            return
-        text = line.strip()
-        if not text:
-            continue
-        if text == "/reset":
-            history = []
-            print("(conversation cleared)", file=sys.stderr)
-            continue
-        history.append({"role": "user", "content": text})
-        reply = []
-        try:
-            for piece in llm.stream_chat(system + history, **options):
-                reply.append(piece)
-                write(piece)
-        except KeyboardInterrupt:
-            if not interactive:
-                raise
-            write(" (stopped)")
-        write("\n")
-        history.append({"role": "assistant", "content": "".join(reply)})
+            write("\n")
+            return ""
+
+    for text in inputs(lambda prompt: stdin_text(lambda: read(prompt))):
+        if not chat.handle(text):
+            break
 
 
 def cmd_run(args: argparse.Namespace) -> None:
@@ -382,9 +369,13 @@ def _add_generate(sub) -> None:
 
 def _add_chat(sub) -> None:
     p = sub.add_parser("chat", help="talk with a model", description=(
-        "Multi-turn chat. Type a message and Enter; /reset starts over; Ctrl-D quits. "
-        "When standard input is not a terminal, each line is one user turn."))
+        'Multi-turn chat. Type a message and Enter; """ begins and ends a message of several lines; /help lists '
+        "the commands (/set, /save, /load, /reset, /bye); Ctrl-D quits. When standard input is not a terminal, "
+        "each line (or \"\"\" block) is one user turn. A message too long for the context is refused and the chat "
+        "goes on; when the conversation outgrows the context, its oldest turns are dropped."))
     p.add_argument("--system", help="system message")
+    p.add_argument("--ctx", type=COUNT, help="context of the conversation in tokens (default: the model's)")
+    p.add_argument("--verbose", action="store_true", help="prompt and reply tokens and tokens/s after each reply")
     add_model_args(p)
     add_sampling_args(p, temperature=0.7)
     p.set_defaults(func=cmd_chat)
@@ -399,7 +390,7 @@ def _add_run(sub) -> None:
     p.add_argument("--system", help="system message")
     add_model_args(p, model_flag=False)
     add_sampling_args(p, temperature=0.7)
-    p.set_defaults(func=cmd_run, chat=True, draft=None, lookup=False, draft_tokens=5)
+    p.set_defaults(func=cmd_run, chat=True, draft=None, lookup=False, draft_tokens=5, ctx=None, verbose=False)
 
 
 def _add_serve(sub) -> None:

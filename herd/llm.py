@@ -149,18 +149,20 @@ class LLM:
 
     def _stream(self, ids: list[int], options: dict, stop_ids: set[int]) -> Iterator[str]:
         (seq,) = seqs = self.sequences([ids], make_params(options), stop_ids)
-        for events in self._decode(seqs):
+        for events in self.decode(seqs):
             for _, text in events:
                 if text:
                     yield text
 
     def _run(self, prompts: list[list[int]], options: dict, stop_ids: set[int]) -> list[Sequence]:
         seqs = self.sequences(prompts, make_params(options), stop_ids)
-        for _ in self._decode(seqs):
+        for _ in self.decode(seqs):
             pass
         return seqs
 
-    def _decode(self, seqs: list[Sequence]) -> Iterator[list[tuple[int, str]]]:
+    def decode(self, seqs: list[Sequence]) -> Iterator[list[tuple[int, str]]]:
+        """Run `seqs` (from `sequence`) to their end: each step's (index, new text) pairs, so a
+        caller that built its own sequence (its context, its prompt) sees its tokens as they come."""
         if self.drafter is not None and len(seqs) == 1:
             return speculative_decode(self.model, seqs[0], self.drafter, self.draft_tokens)
         return run_batch(self.model, seqs)

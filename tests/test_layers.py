@@ -19,7 +19,7 @@ LAYERS = [
     {"herd.generate"},
     {"herd.engine"},
     {"herd.llm"},
-    {"herd.serve", "herd.train", "herd.eval", "herd.bench", "herd.info", "herd.cli_args"},
+    {"herd.serve", "herd.train", "herd.eval", "herd.bench", "herd.info", "herd.cli_args", "herd.repl"},
     {"herd.cli", "herd.__main__", "herd"},
 ]
 
