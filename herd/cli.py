@@ -204,6 +204,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     adapters = dict(_lora_spec(spec) for spec in args.lora or [])
     if adapters and args.tp > 1:
         raise HerdError("LoRA adapters are not supported with tensor parallelism (--tp)")
+    if args.tp > 1 and int(os.environ.get("RANK", "0")) > 0:  # a torchrun rank other than 0: no HTTP;
+        load_llm(args)  # it serves rank 0 from inside the load and exits there
     with listen(args.host, args.port) as sock:  # before the model loads: a port in use fails at once
         llm = load_llm(args)
         llm.load_adapters(adapters)

@@ -82,3 +82,18 @@ def test_killing_a_worker_ends_the_server_with_an_error(tp2):  # last: it takes 
                                          (["--tp", "0"], ["tp"])])
 def test_bad_tp_settings_are_one_line_errors(stories, capsys, args, words):
     one_line_error(*run_main(["serve", "-m", stories, "--port", str(free_port()), *args], capsys), *words)
+
+
+def test_under_torchrun_the_ranks_join_its_group(stories):
+    import subprocess
+    import sys
+
+    def generate(*launcher: str) -> str:
+        r = subprocess.run([*launcher, "-m", "herd", "generate", "-m", stories, "-t", "0", "-n", "30",
+                            "Once upon a time", *(["--tp", "2"] if len(launcher) > 1 else [])],
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return r.stdout
+
+    expected = generate(sys.executable)
+    assert generate(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2") == expected

@@ -216,7 +216,7 @@ def peak_rss() -> int:
 
 
 def load_shard(source, rank: int, world: int, dtype: torch.dtype | None, device: str = "cpu",
-               experts: str = "within", tokenizer: bool = True) -> tuple[ShardedTransformer, Checkpoint, dict]:
+               experts: str = "across", tokenizer: bool = True) -> tuple[ShardedTransformer, Checkpoint, dict]:
     """Rank `rank`'s model built from `source`, its Checkpoint (config, tokenizer, end tokens; no
     weights) and what loading cost: {"read_bytes", "peak_rss"} (bytes)."""
     before = _proc_field("io", "read_bytes") or 0  # bytes read from storage; page-cache hits do not count

@@ -18,7 +18,7 @@ class ShardedTransformer(Transformer):
     """Rank `rank` of `world` of a model of config `cfg` (build it on the meta device, then load
     the rank's weights). `config` stays the whole model's; the layers hold the rank's slices."""
 
-    def __init__(self, cfg: ModelConfig, rank: int, world: int, experts: str = "within"):
+    def __init__(self, cfg: ModelConfig, rank: int, world: int, experts: str = "across"):
         super().__init__(cfg)
         shard(self, rank, world, experts)
         self.rank, self.world, self.experts = rank, world, experts

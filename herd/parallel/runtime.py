@@ -242,7 +242,7 @@ def stop() -> None:
     _state.update(leader=None, procs=[])
 
 
-def load(path, world: int, dtype: torch.dtype | None, device: str = "cpu", experts: str = "within"):
+def load(path, world: int, dtype: torch.dtype | None, device: str = "cpu", experts: str = "across"):
     """(rank 0's ShardedTransformer, Checkpoint) of the checkpoint at `path` over `world` ranks.
     The config is checked against the split before any process starts or any weight is read."""
     source = open_source(path, dtype)
