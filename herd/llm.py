@@ -273,7 +273,7 @@ def load(model: str | Path | None = None, *, dtype: str | torch.dtype = "auto", 
     path, name = resolve_model(model)
     tok = None if tokenizer is None else read_tokenizer(resolve_model(tokenizer)[0])  # before the weights
     if tp > 1:
-        if quantize is not None:
+        if quantize not in (None, "dequant"):  # a GGUF's quants are dequantized on every rank
             raise HerdError("tensor parallelism runs float weights: --quantize cannot be combined with --tp")
         from herd import parallel  # torch.distributed only when asked for
 

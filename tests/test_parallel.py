@@ -57,7 +57,7 @@ def save_meta_shards(cfg, sd: dict[str, torch.Tensor], out, n: int) -> None:
 
 
 def reference(path):
-    model, _ = load_model(path, torch.float32)
+    model, _ = load_model(path, torch.float32, quantize_to="dequant")  # the ranks run GGUF quants dequantized
     model.fast_forward = None  # the plain torch path, as the ranks run it
     return model
 
