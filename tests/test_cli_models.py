@@ -128,7 +128,7 @@ def test_import_refuses_in_one_line_and_leaves_the_store_as_it_was(source, name,
 
 
 def test_run_pulls_a_known_model_and_answers_one_prompt(shared_wheels, tmp_path):
-    question = "What is the capital of France?"
+    question = "Name the capital city of France."
     r = herd_in(tmp_path, "run", STORE_NAME, question, "-t", "0", "-n", "20", HERD_FIND_LINKS=str(shared_wheels))
     assert r.returncode == 0, r.stderr
     assert "Paris" in r.stdout and f"pulling {STORE_NAME}" in r.stderr

@@ -16,7 +16,7 @@ from herd.checkpoint import convert, read_gguf_metadata
 from herd.tokenizer import load_tokenizer
 
 STORE_NAME = "smollm2-135m-instruct"
-QUESTION = "What is the capital of France?"
+QUESTION = "Name the capital city of France."
 
 
 def herd(*args, timeout: int = 300) -> subprocess.CompletedProcess:

@@ -25,7 +25,7 @@ def client(server):
     return openai.OpenAI(base_url=server + "/v1", api_key="sekret", max_retries=0)
 
 
-USER = [{"role": "user", "content": "What is the capital of France?"}]
+USER = [{"role": "user", "content": "Name the capital city of France."}]
 
 
 def test_models(client):
@@ -169,11 +169,11 @@ def test_tool_choice_forcing_a_function(client):
 def test_ollama_generate_and_chat(server):
     c = ollama.Client(host=server, headers={"Authorization": "Bearer sekret"})
     options = {"temperature": 0, "num_predict": 10}
-    r = c.generate(model="smollm2", prompt="What is the capital of France?", options=options)
+    r = c.generate(model="smollm2", prompt="Name the capital city of France.", options=options)
     assert "Paris" in r.response and r.done and 0 < r.eval_count <= 10 and r.done_reason in ("stop", "length")
-    streamed = list(c.generate(model="smollm2", prompt="What is the capital of France?", options=options, stream=True))
+    streamed = list(c.generate(model="smollm2", prompt="Name the capital city of France.", options=options, stream=True))
     assert "".join(p.response for p in streamed) == r.response and streamed[-1].done
-    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    messages = [{"role": "user", "content": "Name the capital city of France."}]
     r = c.chat(model="smollm2", messages=messages, options=options)
     assert "Paris" in r.message.content and r.message.role == "assistant"
     streamed = list(c.chat(model="smollm2", messages=messages, options=options, stream=True))

@@ -21,7 +21,7 @@ REPEAT = "Repeat this list: red, green, blue, red, green, blue, red, green, blue
 @pytest.mark.skipif(native.library() is None, reason="exact equality needs the native decode step")
 def test_openai_client_gets_the_plain_greedy_reply(smollm2_llm):
     llm = smollm2_llm
-    texts = [REPEAT, "What is the capital of France?"]
+    texts = [REPEAT, "Name the capital city of France."]
     plain = Engine(llm, max_batch=2, ctx=512)
     try:
         want = []

@@ -25,7 +25,7 @@ sync_api = pytest.importorskip("playwright.sync_api")
 
 CHAT = "**/v1/chat/completions"
 DONE = ".msg.assistant[data-done='true']"
-FRANCE = "What is the capital of France?"
+FRANCE = "Name the capital city of France."
 
 
 @pytest.fixture(scope="module")

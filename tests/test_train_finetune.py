@@ -82,7 +82,7 @@ def test_sft_with_lora_teaches_smollm2_a_fact(smol, mascot):
         before = ask(smol, HELD_OUT)
     with adapters(smol.model, "mascot"):
         after = ask(smol, HELD_OUT)
-        paris = ask(smol, "What is the capital of France?")
+        paris = ask(smol, "Name the capital city of France.")
     print(f"before: {before!r}\nafter:  {after!r}")
     assert "Woolly" not in before and "Woolly" in after  # a question worded unlike any it trained on
     assert "Paris" in paris  # and it still knows what it knew
